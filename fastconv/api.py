@@ -1,0 +1,106 @@
+"""The public operations: validate and normalize once, pick a backend, let it compute.
+
+Semantics are PyTorch 2.13's `torch.nn.functional.conv2d` / `max_pool2d` and their gradients. Backends
+receive C-contiguous arrays of one float dtype and a normalized params object, and never validate.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import dispatch
+from .params import (
+    check_4d,
+    check_float_arrays,
+    check_pool_backward,
+    conv_params,
+    pool_params,
+)
+
+_INPUT = "(N, C_in, H, W)"
+_WEIGHT = "(C_out, C_in/groups, KH, KW)"
+
+
+def _hashable(arg):
+    """Lists and arrays given as stride/padding/... become tuples, so normalized params can be cached."""
+    return tuple(np.asarray(arg).tolist()) if isinstance(arg, (list, np.ndarray)) else arg
+
+
+def _conv_setup(x, w, stride, padding, dilation, groups):
+    check_4d(x, "input", _INPUT)
+    check_4d(w, "weight", _WEIGHT)
+    return conv_params(x.shape, w.shape, _hashable(stride), _hashable(padding), _hashable(dilation), groups)
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, backend=None):
+    """2-D convolution (cross-correlation) of an NCHW batch, as torch.nn.functional.conv2d."""
+    x, w = np.asarray(input), np.asarray(weight)
+    b = None if bias is None else np.asarray(bias)
+    dtype = check_float_arrays(input=x, weight=w, bias=b)
+    p = _conv_setup(x, w, stride, padding, dilation, groups)
+    if b is not None and b.shape != (p.out_channels,):
+        raise ValueError(f"bias must have shape ({p.out_channels},) for weight {w.shape}, got {b.shape}")
+    if p.batch == 0:
+        return np.zeros(p.output_shape, dtype)
+    impl = dispatch.backend_for("conv2d_forward", p, dtype, backend)
+    b = None if b is None else np.ascontiguousarray(b)
+    return impl.conv2d_forward(np.ascontiguousarray(x), np.ascontiguousarray(w), b, p)
+
+
+def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1, groups=1, *,
+                    output_mask=(True, True, True), backend=None):
+    """Gradients (input, weight, bias) of conv2d given grad_output; None where output_mask is False."""
+    gy, x, w = np.asarray(grad_output), np.asarray(input), np.asarray(weight)
+    dtype = check_float_arrays(grad_output=gy, input=x, weight=w)
+    p = _conv_setup(x, w, stride, padding, dilation, groups)
+    if gy.shape != p.output_shape:
+        raise ValueError(
+            f"grad_output must have the output's shape {p.output_shape} (input {x.shape}, weight {w.shape}), "
+            f"got {gy.shape}"
+        )
+    try:
+        want_input, want_weight, want_bias = (bool(m) for m in output_mask)
+    except (TypeError, ValueError):
+        raise TypeError(f"output_mask must be three bools, got {output_mask!r}") from None
+    gy = np.ascontiguousarray(gy)
+    grad_input = grad_weight = grad_bias = None
+    if want_input:
+        grad_input = (np.zeros(p.input_shape, dtype) if p.batch == 0 else
+                      dispatch.backend_for("conv2d_backward_input", p, dtype, backend)
+                      .conv2d_backward_input(gy, np.ascontiguousarray(w), p))
+    if want_weight:
+        grad_weight = (np.zeros(p.weight_shape, dtype) if p.batch == 0 else
+                       dispatch.backend_for("conv2d_backward_weight", p, dtype, backend)
+                       .conv2d_backward_weight(gy, np.ascontiguousarray(x), p))
+    if want_bias:
+        # Summed in float64: N*H_out*W_out terms per channel is a long float32 sum.
+        grad_bias = gy.sum(axis=(0, 2, 3), dtype=np.float64).astype(dtype)
+    return grad_input, grad_weight, grad_bias
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, *,
+               return_indices=False, backend=None):
+    """2-D max-pooling, as torch.nn.functional.max_pool2d; with return_indices, also the int64 argmax
+    indices, flat in each input H*W plane."""
+    x = np.asarray(input)
+    dtype = check_float_arrays(input=x)
+    check_4d(x, "input", "(N, C, H, W)")
+    p = pool_params(x.shape, _hashable(kernel_size), _hashable(stride), _hashable(padding),
+                    _hashable(dilation), ceil_mode)
+    if p.batch == 0:
+        y, indices = np.zeros(p.output_shape, dtype), np.zeros(p.output_shape, np.int64)
+    else:
+        impl = dispatch.backend_for("max_pool2d_forward", p, dtype, backend)
+        y, indices = impl.max_pool2d_forward(np.ascontiguousarray(x), p)
+    return (y, indices) if return_indices else y
+
+
+def max_pool2d_backward(grad_output, indices, input_shape, *, backend=None):
+    """Gradient of max_pool2d w.r.t. its input: grad_output scattered (and summed) at `indices`.
+    An index outside its H*W plane raises ValueError; nothing is written out of bounds."""
+    gy, idx = np.asarray(grad_output), np.asarray(indices)
+    input_shape = check_pool_backward(gy, idx, input_shape)
+    if input_shape[0] == 0:
+        return np.zeros(input_shape, gy.dtype)
+    impl = dispatch.backend_for("max_pool2d_backward", input_shape, gy.dtype, backend)
+    return impl.max_pool2d_backward(np.ascontiguousarray(gy), np.ascontiguousarray(idx, dtype=np.int64),
+                                    input_shape)

@@ -1,0 +1,82 @@
+"""One thread setting for every backend (Numba, OpenMP, BLAS), so that nothing oversubscribes the cores.
+
+`set_num_threads(n)` sets the process default (env FASTCONV_NUM_THREADS, else every usable core);
+`with threads(n):` overrides it for the calling Python thread only, so concurrent callers do not see each
+other's scopes. Backends read `get_num_threads()` on every call and apply it themselves.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+
+def _usable_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _check(n, name):
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise TypeError(f"{name} must be an int, got {n!r}")
+    if n < 1:
+        raise ValueError(f"{name} must be >= 1, got {n}")
+    return n
+
+
+def _from_env():
+    value = os.environ.get("FASTCONV_NUM_THREADS")
+    if not value:
+        return _usable_cores()
+    try:
+        return _check(int(value), "FASTCONV_NUM_THREADS")
+    except ValueError as error:
+        raise ValueError(f"FASTCONV_NUM_THREADS must be a positive int, got {value!r}") from error
+
+
+_default = _from_env()
+_scoped = threading.local()
+
+
+def set_num_threads(n: int) -> None:
+    """Set the process-wide number of threads used by fastconv's kernels."""
+    global _default
+    _default = _check(n, "n")
+
+
+def get_num_threads() -> int:
+    """The thread count in force for the calling Python thread."""
+    return getattr(_scoped, "n", None) or _default
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """Use n threads inside the block, in the calling Python thread; restored afterwards."""
+    _check(n, "n")
+    previous = getattr(_scoped, "n", None)
+    _scoped.n = n
+    try:
+        yield
+    finally:
+        _scoped.n = previous
+
+
+_blas = {"controller": None, "applied": None}
+_blas_lock = threading.Lock()
+
+
+def apply_to_blas(n: int) -> None:
+    """Limit every BLAS library loaded in the process to n threads. The threadpoolctl controller is
+    made once and limits are re-applied only when n changes: creating one per call costs more than a
+    small convolution."""
+    if _blas["applied"] == n:
+        return
+    with _blas_lock:
+        if _blas["controller"] is None:
+            from threadpoolctl import ThreadpoolController
+
+            _blas["controller"] = ThreadpoolController()
+        _blas["controller"].limit(limits=n, user_api="blas")
+        _blas["applied"] = n

@@ -1,0 +1,105 @@
+"""Random cases and measures shared by the tests (TESTING.md): valid combinations drawn independently."""
+import numpy as np
+
+from fastconv.params import conv_params, pool_params
+
+
+def rel_err(got, ref):
+    """||got - ref|| / ||ref|| in float64 (absolute when ref is all zeros)."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    scale = np.linalg.norm(ref)
+    return np.linalg.norm(got - ref) / (scale if scale > 0 else 1.0)
+
+
+TOLERANCE = {np.float32: 1e-5, np.float64: 1e-12}
+
+
+def _draw_conv(rng):
+    groups = int(rng.choice([1, 1, 1, 2, 3]))
+    depthwise = rng.random() < 0.15
+    c_in = groups * int(rng.integers(1, 4))
+    c_out = c_in if depthwise else groups * int(rng.integers(1, 4))
+    if depthwise:
+        groups = c_in
+    kh, kw = (int(k) for k in rng.integers(1, 6, size=2))
+    stride = tuple(int(s) for s in rng.choice([1, 1, 2, 3, 5], size=2))
+    dilation = tuple(int(d) for d in rng.choice([1, 1, 2, 3], size=2))
+    kind = rng.random()
+    if kind < 0.15 and stride == (1, 1):
+        padding = "same"
+    elif kind < 0.25:
+        padding = "valid"
+    elif kind < 0.6:
+        padding = int(rng.integers(0, 4))
+    else:
+        padding = tuple(int(p) for p in rng.integers(0, 4, size=2))
+    return dict(
+        x_shape=(int(rng.integers(1, 4)), c_in, int(rng.integers(1, 12)), int(rng.integers(1, 12))),
+        w_shape=(c_out, c_in // groups, kh, kw),
+        bias=bool(rng.random() < 0.7),
+        stride=stride, padding=padding, dilation=dilation, groups=groups,
+    )
+
+
+def conv_cases(count, seed):
+    """`count` valid random convolutions, each a dict of shapes and keyword arguments."""
+    rng, cases = np.random.default_rng(seed), []
+    while len(cases) < count:
+        case = _draw_conv(rng)
+        try:
+            conv_params(case["x_shape"], case["w_shape"], case["stride"], case["padding"],
+                        case["dilation"], case["groups"])
+        except ValueError:
+            continue
+        cases.append(case)
+    return cases
+
+
+def _draw_pool(rng):
+    kernel = tuple(int(k) for k in rng.integers(1, 5, size=2))
+    return dict(
+        x_shape=(int(rng.integers(1, 3)), int(rng.integers(1, 4)), int(rng.integers(1, 13)), int(rng.integers(1, 13))),
+        kernel_size=kernel if rng.random() < 0.7 else kernel[0],
+        stride=None if rng.random() < 0.3 else tuple(int(s) for s in rng.integers(1, 4, size=2)),
+        padding=tuple(int(rng.integers(0, k // 2 + 1)) for k in kernel),
+        dilation=tuple(int(d) for d in rng.choice([1, 1, 2, 3], size=2)),
+        ceil_mode=bool(rng.random() < 0.5),
+    )
+
+
+def pool_cases(count, seed):
+    rng, cases = np.random.default_rng(seed), []
+    while len(cases) < count:
+        case = _draw_pool(rng)
+        try:
+            pool_params(case["x_shape"], case["kernel_size"], case["stride"], case["padding"],
+                        case["dilation"], case["ceil_mode"])
+        except ValueError:
+            continue
+        cases.append(case)
+    return cases
+
+
+def conv_kwargs(case):
+    return {k: case[k] for k in ("stride", "padding", "dilation", "groups")}
+
+
+def pool_kwargs(case):
+    return {k: case[k] for k in ("kernel_size", "stride", "padding", "dilation", "ceil_mode")}
+
+
+def conv_arrays(case, dtype, seed=0):
+    """Standard-normal input, weight, bias (or None) and an upstream gradient of the output's shape."""
+    rng = np.random.default_rng(seed)
+    p = conv_params(case["x_shape"], case["w_shape"], case["stride"], case["padding"], case["dilation"],
+                    case["groups"])
+    x = rng.standard_normal(case["x_shape"]).astype(dtype)
+    w = rng.standard_normal(case["w_shape"]).astype(dtype)
+    b = rng.standard_normal(case["w_shape"][0]).astype(dtype) if case["bias"] else None
+    gy = rng.standard_normal(p.output_shape).astype(dtype)
+    return x, w, b, gy
+
+
+def case_id(case):
+    return "-".join(f"{v}" for v in case.values()).replace(" ", "")

@@ -1,0 +1,13 @@
+import pytest
+
+import fastconv
+
+# Backends that must load on the project's machines: a failure to load is a test failure, not a skip.
+EXPECTED_BACKENDS = ("naive",)
+
+BACKENDS = fastconv.available_backends()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
