@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 import fastconv
+from fastconv import dispatch
 
 
 def info(args):
@@ -17,7 +18,11 @@ def info(args):
     print(f"machine: {platform.machine()}, threads in use: {fastconv.get_num_threads()}")
     print(f"default backend: {fastconv.get_backend()}")
     for name, error in fastconv.backend_status().items():
-        print(f"  {name:8s} {'available' if error is None else 'unavailable: ' + error}")
+        if error is None:
+            describe = getattr(dispatch.load(name), "describe", None)
+            print(f"  {name:8s} available{': ' + describe() if describe else ''}")
+        else:
+            print(f"  {name:8s} unavailable: {error}")
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
@@ -46,12 +51,30 @@ def demo(args):
     print(f"max_pool2d 2x2 -> {y.shape}; backward -> {fastconv.max_pool2d_backward(y, idx, reference.shape).shape}")
 
 
+def report(args):
+    """Time every available backend and PyTorch over the benchmark suite; write an HTML/Markdown report."""
+    from fastconv import report
+
+    if not args.default_allocator:
+        report.reexec_with_reused_buffers(args.argv)
+    report.run(args.out, quick=args.quick, threads=args.threads, with_torch=not args.no_torch)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastconv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help=info.__doc__).set_defaults(run=info)
     commands.add_parser("demo", help=demo.__doc__).set_defaults(run=demo)
+    report_parser = commands.add_parser("report", help=report.__doc__, description=report.__doc__)
+    report_parser.add_argument("--quick", action="store_true", help="a few cases of the suite (about a minute)")
+    report_parser.add_argument("--out", default="fastconv-report", help="report folder (default: %(default)s)")
+    report_parser.add_argument("--threads", type=int, help="threads for every side (default: fastconv's setting)")
+    report_parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out even if installed")
+    report_parser.add_argument("--default-allocator", action="store_true",
+                               help="do not restart with freed buffers reused (GLIBC_TUNABLES malloc thresholds)")
+    report_parser.set_defaults(run=report)
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # to restart the same command
     args.run(args)
     return 0
 

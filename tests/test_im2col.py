@@ -1,0 +1,57 @@
+"""im2col's own mechanics: every unit size (row bands of one image, chunks of images with a smaller
+last chunk) gives the oracle's results, and the workspace does not grow with the batch."""
+import tracemalloc
+
+import numpy as np
+import pytest
+from cases import TOLERANCE, case_id, conv_arrays, conv_cases, conv_kwargs, rel_err
+
+import fastconv
+
+if "im2col" not in fastconv.available_backends():
+    pytest.skip("im2col is not available", allow_module_level=True)
+
+from fastconv.backends import im2col  # noqa: E402
+
+
+@pytest.fixture(params=[1, 3000, 40_000], ids=["one-row-bands", "small-chunks", "image-chunks"])
+def workspace_limit(request):
+    before = im2col._workspace["limit"]
+    im2col.set_workspace_limit(request.param)
+    yield request.param
+    im2col.set_workspace_limit(before)
+
+
+@pytest.mark.parametrize("case", conv_cases(40, seed=31), ids=case_id)
+def test_every_unit_size_matches_oracle(workspace_limit, case):
+    x, w, b, gy = conv_arrays(case, np.float64)
+    kw = conv_kwargs(case)
+    got = [fastconv.conv2d(x, w, b, **kw, backend="im2col"),
+           *fastconv.conv2d_backward(gy, x, w, **kw, backend="im2col")]
+    ref = [fastconv.conv2d(x, w, b, **kw, backend="naive"),
+           *fastconv.conv2d_backward(gy, x, w, **kw, backend="naive")]
+    for g, r in zip(got, ref):
+        assert rel_err(g, r) <= TOLERANCE[np.float64]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_forward_workspace_does_not_grow_with_batch(stride):
+    """Peak memory traced beyond the output stays under the column cap plus one padded chunk, for a
+    batch of 8 and of 32 alike."""
+    limit = 1 << 20
+    before = im2col._workspace["limit"]
+    im2col.set_workspace_limit(limit)
+    try:
+        extra = []
+        for batch in (32, 96):
+            x, w = np.ones((batch, 16, 24, 24), np.float32), np.ones((16, 16, 3, 3), np.float32)
+            tracemalloc.start()
+            y = fastconv.conv2d(x, w, padding=1, stride=stride, backend="im2col")
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            padded_chunk = limit // 9  # the input rows behind one unit of columns, padded
+            extra.append(peak - y.nbytes)
+            assert extra[-1] <= limit + 2 * padded_chunk + 64 * 1024
+        assert extra[1] <= extra[0] * 1.1 + 64 * 1024
+    finally:
+        im2col.set_workspace_limit(before)
