@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -97,6 +97,20 @@ class ConvParams:
         """2 * N * Cout * Hout * Wout * (Cin / groups) * KH * KW: one multiply and one add per term."""
         terms_per_output = (self.in_channels // self.groups) * self.kernel_height * self.kernel_width
         return 2 * int(np.prod(self.output_shape)) * terms_per_output
+
+    def input_gradient_as_forward(self):
+        """For stride 1, the input gradient is a forward convolution of grad_output with the weight flipped
+        and its channel axes swapped per group, padded by the kernel span less the original padding.
+        Returns that convolution's params, or None when it does not exist (stride > 1, or padding larger
+        than the kernel span, which would need negative padding)."""
+        spans = (self.dilation[0] * (self.kernel_height - 1),) * 2 + (self.dilation[1] * (self.kernel_width - 1),) * 2
+        padding = tuple(span - pad for span, pad in zip(spans, self.padding))
+        if self.stride != (1, 1) or min(padding) < 0:
+            return None
+        return replace(
+            self, in_channels=self.out_channels, in_height=self.out_height, in_width=self.out_width,
+            out_channels=self.in_channels, padding=padding, out_height=self.in_height, out_width=self.in_width,
+        )
 
     def bytes_moved(self, itemsize):
         """Bytes of input, weight and output, each touched once: the minimum traffic of a forward pass."""

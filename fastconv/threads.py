@@ -63,8 +63,35 @@ def threads(n: int):
         _scoped.n = previous
 
 
-_blas = {"controller": None, "applied": None}
+_blas = {"controller": None, "applied": None, "libraries": None}
 _blas_lock = threading.Lock()
+
+
+def _blas_libraries():
+    """threadpoolctl's controllers of every BLAS loaded in the process (NumPy and SciPy ship separate
+    OpenBLAS copies), found once: creating a ThreadpoolController costs more than a small convolution."""
+    if _blas["libraries"] is None:
+        with _blas_lock:
+            if _blas["libraries"] is None:
+                from threadpoolctl import ThreadpoolController
+
+                _blas["libraries"] = ThreadpoolController().select(user_api="blas").lib_controllers
+    return _blas["libraries"]
+
+
+@contextlib.contextmanager
+def blas_threads(n: int):
+    """Limit every loaded BLAS to n threads inside the block (e.g. 1 inside our own parallel regions),
+    restoring each library's previous limit afterwards, so the user's own BLAS calls are not affected."""
+    libraries = _blas_libraries()
+    previous = [lib.get_num_threads() for lib in libraries]
+    for lib in libraries:
+        lib.set_num_threads(n)
+    try:
+        yield
+    finally:
+        for lib, count in zip(libraries, previous):
+            lib.set_num_threads(count)
 
 
 def apply_to_blas(n: int) -> None:

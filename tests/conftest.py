@@ -11,3 +11,9 @@ BACKENDS = fastconv.available_backends()
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
+
+
+@pytest.fixture(params=[name for name in BACKENDS if name != "naive"])
+def fast_backend(request):
+    """The backends under test as fast kernels, the oracle aside."""
+    return request.param

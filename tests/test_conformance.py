@@ -151,3 +151,46 @@ def test_pool_backward_rejects_index_outside_plane(backend, bad):
     idx[1, 2, 1, 0] = bad
     with pytest.raises(ValueError, match="indices"):
         fastconv.max_pool2d_backward(gy, idx, (2, 3, 4, 4), backend=backend)
+
+
+# Backends whose results must not depend on the thread count, bitwise. im2col's GEMMs run on BLAS's own
+# threads, which block differently with 1 and 2 threads: it matches within tolerance only.
+THREAD_INVARIANT = {"naive", "numba", "cython"}
+
+
+def test_thread_count_does_not_change_results(backend):
+    case = dict(x_shape=(3, 8, 14, 14), w_shape=(12, 4, 3, 3), bias=True, stride=1, padding=1, dilation=1, groups=2)
+    x, w, b, gy = conv_arrays(case, np.float32)
+    kw = conv_kwargs(case)
+    results = []
+    for n in (1, 2):
+        with fastconv.threads(n):
+            y, idx = fastconv.max_pool2d(x, 3, 2, 1, return_indices=True, backend=backend)
+            results.append([fastconv.conv2d(x, w, b, **kw, backend=backend),
+                            *fastconv.conv2d_backward(gy, x, w, **kw, backend=backend),
+                            y, idx, fastconv.max_pool2d_backward(y, idx, x.shape, backend=backend)])
+    for one, two in zip(*results):
+        if backend in THREAD_INVARIANT:
+            np.testing.assert_array_equal(one, two)
+        else:
+            assert rel_err(one, two) <= TOLERANCE[np.float32]
+
+
+@pytest.mark.parametrize("op", ["forward", "grad_input", "grad_weight"])
+def test_float32_accuracy_on_a_large_layer(fast_backend, op):
+    """Long sums: the weight gradient of 64x64x32x32 -> 64, 3x3, pad 1 sums 65,536 terms per weight.
+    The reference is im2col in float64 (itself checked against the oracle above); naive, the oracle,
+    is not a fast kernel and is not tuned for float32."""
+    rng = np.random.default_rng(9)
+    x, w = rng.standard_normal((64, 64, 32, 32)), rng.standard_normal((64, 64, 3, 3))
+    gy = rng.standard_normal((64, 64, 32, 32))
+
+    def run(dtype, name):
+        xs, ws, gys = (a.astype(dtype) for a in (x, w, gy))
+        if op == "forward":
+            return fastconv.conv2d(xs, ws, padding=1, backend=name)
+        mask = (op == "grad_input", op == "grad_weight", False)
+        return next(g for g in fastconv.conv2d_backward(gys, xs, ws, padding=1, output_mask=mask, backend=name)
+                    if g is not None)
+
+    assert rel_err(run(np.float32, fast_backend), run(np.float64, "im2col")) <= TOLERANCE[np.float32]

@@ -13,9 +13,10 @@ tap's slab of cols is one contiguous run of the padded input and im2col/col2im a
 and adds. The extra columns (padded width - output width) are computed and dropped. Other strides fill
 cols tap by tap from strided views of the input, with zeros where a tap falls in padding.
 
-Copies and col2im adds run on a small pool of Python threads (NumPy releases the GIL), split by channel
-or image blocks so no two threads write the same memory and results do not depend on the thread count;
-the GEMMs run on BLAS's own threads, with one unit's partials added in unit order.
+Units run on a small pool of Python threads (NumPy releases the GIL), each with its own workspace and a
+single-threaded BLAS: one thread's unfolding overlaps the other's GEMM, and a GEMM per core is more
+efficient than one GEMM split over the cores at these shapes. Weight-gradient partials are added in unit
+order, so results do not depend on the thread count.
 """
 import os
 import threading
@@ -24,15 +25,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..params import index_out_of_plane
-from ..threads import apply_to_blas, get_num_threads
+from ..threads import blas_threads, get_num_threads
 
-_workspace = {"limit": int(os.environ.get("FASTCONV_IM2COL_WORKSPACE_BYTES", 32 << 20))}
+_workspace = {"limit": int(os.environ.get("FASTCONV_IM2COL_WORKSPACE_BYTES", 16 << 20))}
 _executor = {"pool": None}
 _executor_lock = threading.Lock()
 
 
 def set_workspace_limit(nbytes: int) -> None:
-    """Cap the column buffer of one unit of work (default 32 MiB; env FASTCONV_IM2COL_WORKSPACE_BYTES)."""
+    """Cap the column buffers of one call, all threads together (default 16 MiB; env
+    FASTCONV_IM2COL_WORKSPACE_BYTES)."""
     if nbytes < 1:
         raise ValueError(f"nbytes must be >= 1, got {nbytes}")
     _workspace["limit"] = int(nbytes)
@@ -43,30 +45,7 @@ def supports(op, p, dtype):
 
 
 def describe():
-    return f"NumPy {np.__version__} matmul on BLAS threads, copies on a thread pool, column cap {_workspace['limit']} B"
-
-
-def _run_parallel(task, blocks):
-    """task(block) for every block, on up to get_num_threads() threads; blocks never write the same memory."""
-    if get_num_threads() == 1 or len(blocks) == 1:
-        for block in blocks:
-            task(block)
-        return
-    with _executor_lock:
-        if _executor["pool"] is None:
-            _executor["pool"] = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
-                                                   thread_name_prefix="fastconv-im2col")
-    for future in [_executor["pool"].submit(task, block) for block in blocks]:
-        future.result()
-
-
-def _blocks(channels, images):
-    """(channel slice, image slice) blocks, one per thread: by channel when there are enough channels,
-    else by image."""
-    n = get_num_threads()
-    if channels >= n or images < n:
-        return [(slice(c[0], c[-1] + 1), slice(0, images)) for c in np.array_split(np.arange(channels), n) if c.size]
-    return [(slice(0, channels), slice(i[0], i[-1] + 1)) for i in np.array_split(np.arange(images), n) if i.size]
+    return f"NumPy {np.__version__} matmul, one BLAS thread per worker thread, column cap {_workspace['limit']} B"
 
 
 def _tap_range(out_start, out_stop, size, stride, pad, offset):
@@ -94,146 +73,181 @@ def _group_matrices(a, groups, columns):
     return a.reshape(groups, -1, columns)
 
 
-class _Unfolding:
-    """The workspace and the unfold/fold steps of one convolution, unit of work by unit of work."""
+def _plan(p, itemsize, workers):
+    """Units of work, (image slice, output-row slice), grouped by image when they are row bands (bands of
+    one image add into overlapping rows of its input gradient, so one worker takes them in turn)."""
+    row_width = p.padded_width if p.stride == (1, 1) else p.out_width
+    per_row = p.in_channels * p.kernel_height * p.kernel_width * row_width * itemsize
+    rows_fit = max(1, _workspace["limit"] // workers // per_row)
+    if rows_fit < p.out_height:
+        return [[(slice(n, n + 1), slice(r, min(r + rows_fit, p.out_height)))
+                 for r in range(0, p.out_height, rows_fit)] for n in range(p.batch)]
+    images = max(1, min(-(-p.batch // workers), rows_fit // p.out_height))  # every worker gets a unit
+    return [[(slice(n, min(n + images, p.batch)), slice(0, p.out_height))] for n in range(0, p.batch, images)]
 
-    def __init__(self, p, dtype):
+
+def _for_each_unit(p, dtype, work):
+    """work(unfolding, index, unit) for every unit, in parallel over groups of units; each worker thread
+    owns one _Unfolding (its workspace). Units are numbered in order; claimed in order."""
+    workers = get_num_threads()
+    groups = _plan(p, np.dtype(dtype).itemsize, workers)
+    numbered, index = [], 0
+    for group in groups:
+        numbered.append([(index + k, unit) for k, unit in enumerate(group)])
+        index += len(group)
+    largest = max((u for g in groups for u in g), key=lambda u: (u[0].stop - u[0].start) * (u[1].stop - u[1].start))
+    if workers == 1 or len(groups) == 1:
+        unfolding = _Unfolding(p, dtype, largest)
+        with blas_threads(workers):
+            for group in numbered:
+                for index, unit in group:
+                    work(unfolding, index, unit)
+        return
+    claim, lock = iter(numbered), threading.Lock()
+
+    def worker():
+        unfolding = _Unfolding(p, dtype, largest)
+        while True:
+            with lock:
+                group = next(claim, None)
+            if group is None:
+                return
+            for index, unit in group:
+                work(unfolding, index, unit)
+
+    with _executor_lock:
+        if _executor["pool"] is None:
+            _executor["pool"] = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                                   thread_name_prefix="fastconv-im2col")
+    with blas_threads(1):
+        for future in [_executor["pool"].submit(worker) for _ in range(min(workers, len(groups)))]:
+            future.result()
+
+
+class _InOrder:
+    """Adds per-unit partial sums into a total in unit order, whichever worker finishes first: the sum
+    does not depend on the thread count or on timing."""
+
+    def __init__(self, total):
+        self.total, self.next, self.turn = total, 0, threading.Condition()
+
+    def add(self, index, partial):
+        with self.turn:
+            self.turn.wait_for(lambda: self.next == index)
+            self.total += partial
+            self.next += 1
+            self.turn.notify_all()
+
+
+class _Unfolding:
+    """One worker's workspace and the unfold (im2col) and fold (col2im) of units of work."""
+
+    def __init__(self, p, dtype, largest_unit):
         self.p = p
         self.wide = p.stride == (1, 1)
         self.row_width = p.padded_width if self.wide else p.out_width
-        taps = p.in_channels * p.kernel_height * p.kernel_width
-        per_row = taps * self.row_width * np.dtype(dtype).itemsize
-        rows_fit = max(1, _workspace["limit"] // per_row)
-        if rows_fit < p.out_height:
-            self.units = [(slice(n, n + 1), slice(r, min(r + rows_fit, p.out_height)))
-                          for n in range(p.batch) for r in range(0, p.out_height, rows_fit)]
-        else:
-            images = min(p.batch, rows_fit // p.out_height)
-            self.units = [(slice(n, min(n + images, p.batch)), slice(0, p.out_height))
-                          for n in range(0, p.batch, images)]
-        unit_images = self.units[0][0].stop - self.units[0][0].start
-        unit_rows = self.units[0][1].stop - self.units[0][1].start
-        self.cols = np.empty(taps * unit_images * unit_rows * self.row_width, dtype)
-        self.out = np.empty(p.out_channels * unit_images * unit_rows * self.row_width, dtype)
+        images, rows = (s.stop - s.start for s in largest_unit)
+        self.cols = np.empty(p.in_channels * p.kernel_height * p.kernel_width * images * rows * self.row_width, dtype)
+        self.out = np.empty(p.out_channels * images * rows * self.row_width, dtype)
         if self.wide:  # the padded input rows one unit reads, plus one row for the last tap's overrun
-            self.band_height = unit_rows + p.dilation[0] * (p.kernel_height - 1) + 1
-            self.padded = np.zeros((unit_images, p.in_channels, self.band_height, p.padded_width), dtype)
+            self.band_height = rows + p.dilation[0] * (p.kernel_height - 1) + 1
+            self.padded = np.zeros((images, p.in_channels, self.band_height, p.padded_width), dtype)
 
     def _view(self, flat, leading, images, rows):
         shape = leading + (images.stop - images.start, rows.stop - rows.start, self.row_width)
         return flat[:int(np.prod(shape))].reshape(shape)
 
     def columns(self, images, rows):
-        """The (C_in, KH, KW, nb, rows, row_width) column buffer of a unit."""
+        """The unit's column buffer, (C_in, KH, KW, nb, rows, row_width)."""
         p = self.p
         return self._view(self.cols, (p.in_channels, p.kernel_height, p.kernel_width), images, rows)
 
     def outputs(self, images, rows):
-        """The (C_out, nb, rows, row_width) buffer of a unit's output or grad_output, channels first."""
+        """The unit's output or grad_output, channels first: (C_out, nb, rows, row_width)."""
         return self._view(self.out, (self.p.out_channels,), images, rows)
 
-    def _band(self, rows):
-        """For a wide unit: the input rows [start, stop) it reads and where they sit in the padded band."""
-        top = rows.start - self.p.padding[0]  # input row of the band's first row
-        start, stop = max(0, top), min(self.p.in_height, top + self.band_height - 1)
-        return start, stop, start - top
+    def _band(self, images, rows):
+        """A wide unit's padded band, flattened per (channel, image), and the input rows [start, stop) it
+        holds from row `at` on."""
+        p = self.p
+        top = rows.start - p.padding[0]  # the input row of the band's first row
+        start, stop = max(0, top), min(p.in_height, top + self.band_height - 1)
+        band = self.padded[:images.stop - images.start]
+        return band, start, stop, start - top
 
     def _tap_offsets(self):
         p = self.p
         return [(kh, kw, kh * p.dilation[0] * p.padded_width + kw * p.dilation[1])
                 for kh in range(p.kernel_height) for kw in range(p.kernel_width)]
 
-    def unfold(self, x, images, rows):
-        """im2col: fill and return the unit's column buffer from x."""
-        p, cols = self.p, self.columns(images, rows)
-        nb, nr = images.stop - images.start, rows.stop - rows.start
-        if self.wide:
-            start, stop, at = self._band(rows)
-            band = self.padded[:nb]
-            left = p.padding[2]
-            run = nr * p.padded_width
-
-            def fill(block):
-                channels, part = block
-                dst = band[part, channels]
-                dst[:, :, :at] = 0
-                dst[:, :, at + stop - start:] = 0
-                dst[:, :, at:at + stop - start, left:left + p.in_width] = x[images][part, channels, start:stop]
-                flat = dst.reshape(dst.shape[0], dst.shape[1], -1).transpose(1, 0, 2)  # (c, n, band)
-                for kh, kw, offset in self._tap_offsets():
-                    cols[channels, kh, kw, part].reshape(flat.shape[0], flat.shape[1], run)[...] = \
-                        flat[:, :, offset:offset + run]
-        else:
-            taps = self._strided_taps(rows)
-
-            def fill(block):
-                channels, part = block
-                src = x[images][part, channels].transpose(1, 0, 2, 3)  # (c, n, H, W)
-                for kh, kw, (i_lo, i_hi, in_rows), (j_lo, j_hi, in_cols) in taps:
-                    dst = cols[channels, kh, kw, part]
-                    dst[:, :, :i_lo] = 0  # taps that fall in padding read zeros
-                    dst[:, :, i_hi:] = 0
-                    dst[:, :, i_lo:i_hi, :j_lo] = 0
-                    dst[:, :, i_lo:i_hi, j_hi:] = 0
-                    dst[:, :, i_lo:i_hi, j_lo:j_hi] = src[:, :, in_rows, in_cols]
-
-        _run_parallel(fill, _blocks(p.in_channels, nb))
-        return cols
-
-    def fold(self, dcols, gx, images, rows):
-        """col2im: add the unit's column gradients into gx (which starts at zero)."""
-        p = self.p
-        nb, nr = images.stop - images.start, rows.stop - rows.start
-        if self.wide:
-            start, stop, at = self._band(rows)
-            band = self.padded[:nb]
-            left = p.padding[2]
-            run = nr * p.padded_width
-
-            def add(block):
-                channels, part = block
-                acc = band[part, channels]
-                acc[...] = 0
-                flat = acc.reshape(acc.shape[0], acc.shape[1], -1).transpose(1, 0, 2)
-                for kh, kw, offset in self._tap_offsets():
-                    flat[:, :, offset:offset + run] += dcols[channels, kh, kw, part].reshape(flat.shape[0], -1, run)
-                gx[images][part, channels, start:stop] += acc[:, :, at:at + stop - start, left:left + p.in_width]
-        else:
-            taps = self._strided_taps(rows)
-
-            def add(block):
-                channels, part = block
-                dst = gx[images][part, channels].transpose(1, 0, 2, 3)
-                for kh, kw, (i_lo, i_hi, in_rows), (j_lo, j_hi, in_cols) in taps:
-                    dst[:, :, in_rows, in_cols] += dcols[channels, kh, kw, part, i_lo:i_hi, j_lo:j_hi]
-
-        _run_parallel(add, _blocks(p.in_channels, nb))
-
     def _strided_taps(self, rows):
-        """For every kernel tap (kh, kw): its valid output rows and columns and the input slices they read."""
+        """Every kernel tap (kh, kw) with its valid output rows and columns and the input slices they read."""
         p = self.p
         tap_rows = _taps(p.kernel_height, p.in_height, p.stride[0], p.padding[0], p.dilation[0], rows.start, rows.stop)
         tap_cols = _taps(p.kernel_width, p.in_width, p.stride[1], p.padding[2], p.dilation[1], 0, p.out_width)
         return [(kh, kw, tap_rows[kh], tap_cols[kw]) for kh in range(p.kernel_height) for kw in range(p.kernel_width)]
 
+    def unfold(self, x, images, rows):
+        """im2col: fill and return the unit's column buffer from x."""
+        p, cols = self.p, self.columns(images, rows)
+        if self.wide:
+            band, start, stop, at = self._band(images, rows)
+            band[:, :, :at] = 0
+            band[:, :, at + stop - start:] = 0
+            band[:, :, at:at + stop - start, p.padding[2]:p.padding[2] + p.in_width] = x[images, :, start:stop]
+            flat = band.reshape(band.shape[0], band.shape[1], -1).transpose(1, 0, 2)  # (c, n, band)
+            run = cols.shape[4] * cols.shape[5]
+            for kh, kw, offset in self._tap_offsets():
+                cols[:, kh, kw].reshape(flat.shape[0], flat.shape[1], run)[...] = flat[:, :, offset:offset + run]
+            return cols
+        src = x[images].transpose(1, 0, 2, 3)  # (c, n, H, W)
+        for kh, kw, (i_lo, i_hi, in_rows), (j_lo, j_hi, in_cols) in self._strided_taps(rows):
+            dst = cols[:, kh, kw]
+            dst[:, :, :i_lo] = 0  # taps that fall in padding read zeros
+            dst[:, :, i_hi:] = 0
+            dst[:, :, i_lo:i_hi, :j_lo] = 0
+            dst[:, :, i_lo:i_hi, j_hi:] = 0
+            dst[:, :, i_lo:i_hi, j_lo:j_hi] = src[:, :, in_rows, in_cols]
+        return cols
+
+    def fold(self, dcols, gx, images, rows):
+        """col2im: add the unit's column gradients into gx."""
+        p = self.p
+        if self.wide:
+            band, start, stop, at = self._band(images, rows)
+            band[...] = 0
+            flat = band.reshape(band.shape[0], band.shape[1], -1).transpose(1, 0, 2)
+            run = dcols.shape[4] * dcols.shape[5]
+            for kh, kw, offset in self._tap_offsets():
+                flat[:, :, offset:offset + run] += dcols[:, kh, kw].reshape(flat.shape[0], flat.shape[1], run)
+            gx[images, :, start:stop] += band[:, :, at:at + stop - start, p.padding[2]:p.padding[2] + p.in_width]
+            return
+        dst = gx[images].transpose(1, 0, 2, 3)
+        for kh, kw, (i_lo, i_hi, in_rows), (j_lo, j_hi, in_cols) in self._strided_taps(rows):
+            dst[:, :, in_rows, in_cols] += dcols[:, kh, kw, :, i_lo:i_hi, j_lo:j_hi]
+
+
+def _pointwise_matrices(a, p, channels):
+    """(N, C, H, W) -> (N, groups, C/groups, H*W): the per-image, per-group matrices of a 1x1 convolution."""
+    return a.reshape(p.batch, p.groups, channels // p.groups, -1)
+
 
 def conv2d_forward(x, w, b, p):
-    apply_to_blas(get_num_threads())
     y = np.empty(p.output_shape, x.dtype)
     wg = _group_matrices(w, p.groups, w[0].size)
     if _is_pointwise(p):
-        xg = x.reshape(p.batch, p.groups, p.in_channels // p.groups, -1)
-        yg = y.reshape(p.batch, p.groups, p.out_channels // p.groups, -1)
-        for g in range(p.groups):
-            np.matmul(wg[g], xg[:, g], out=yg[:, g])
+        xg, yg = _pointwise_matrices(x, p, p.in_channels), _pointwise_matrices(y, p, p.out_channels)
+        with blas_threads(get_num_threads()):
+            for g in range(p.groups):
+                np.matmul(wg[g], xg[:, g], out=yg[:, g])
         if b is not None:
             y += b[:, None, None]
         return y
-    unfolding = _Unfolding(p, x.dtype)
-    for images, rows in unfolding.units:
+
+    def work(unfolding, index, unit):
+        images, rows = unit
         cols, out = unfolding.unfold(x, images, rows), unfolding.outputs(images, rows)
-        columns = out[0].size
-        colsg, outg = _group_matrices(cols, p.groups, columns), _group_matrices(out, p.groups, columns)
+        colsg, outg = _group_matrices(cols, p.groups, out[0].size), _group_matrices(out, p.groups, out[0].size)
         for g in range(p.groups):
             np.matmul(wg[g], colsg[g], out=outg[g])
         dst, src = y[images, :, rows].transpose(1, 0, 2, 3), out[..., :p.out_width]
@@ -241,6 +255,8 @@ def conv2d_forward(x, w, b, p):
             dst[...] = src
         else:
             np.add(src, b[:, None, None, None], out=dst)
+
+    _for_each_unit(p, x.dtype, work)
     return y
 
 
@@ -254,45 +270,59 @@ def _grad_output_unit(unfolding, gy, images, rows):
 
 
 def conv2d_backward_weight(gy, x, p):
-    apply_to_blas(get_num_threads())
     gw = np.zeros(p.weight_shape, gy.dtype)
-    gwg = _group_matrices(gw, p.groups, gw[0].size)
     if _is_pointwise(p):
-        xg = x.reshape(p.batch, p.groups, p.in_channels // p.groups, -1)
-        gyg = gy.reshape(p.batch, p.groups, p.out_channels // p.groups, -1)
-        for n in range(p.batch):  # one partial per image, added in image order
-            for g in range(p.groups):
-                gwg[g] += gyg[n, g] @ xg[n, g].T
+        xg, gyg = _pointwise_matrices(x, p, p.in_channels), _pointwise_matrices(gy, p, p.out_channels)
+        gwg = _group_matrices(gw, p.groups, gw[0].size)
+        with blas_threads(get_num_threads()):
+            for n in range(p.batch):  # one partial per image, added in image order
+                for g in range(p.groups):
+                    gwg[g] += gyg[n, g] @ xg[n, g].T
         return gw
-    unfolding = _Unfolding(p, x.dtype)
-    for images, rows in unfolding.units:
+    total = _InOrder(gw)
+
+    def work(unfolding, index, unit):
+        images, rows = unit
         cols, gyt = unfolding.unfold(x, images, rows), _grad_output_unit(unfolding, gy, images, rows)
-        columns = gyt[0].size
-        colsg, gytg = _group_matrices(cols, p.groups, columns), _group_matrices(gyt, p.groups, columns)
-        for g in range(p.groups):  # one partial per unit, added in unit order
-            gwg[g] += gytg[g] @ colsg[g].T
+        colsg, gytg = _group_matrices(cols, p.groups, gyt[0].size), _group_matrices(gyt, p.groups, gyt[0].size)
+        partial = np.stack([gytg[g] @ colsg[g].T for g in range(p.groups)]).reshape(p.weight_shape)
+        total.add(index, partial)
+
+    _for_each_unit(p, x.dtype, work)
     return gw
 
 
+def _flipped_transposed(w, groups):
+    """(C_out, C_in/g, KH, KW) -> (C_in, C_out/g, KH, KW), flipped in KH and KW: the weight of the forward
+    convolution that computes a stride-1 input gradient."""
+    c_out, c_in_per_group, kh, kw = w.shape
+    per_group = w.reshape(groups, c_out // groups, c_in_per_group, kh, kw)[:, :, :, ::-1, ::-1]
+    return np.ascontiguousarray(per_group.transpose(0, 2, 1, 3, 4)).reshape(groups * c_in_per_group, -1, kh, kw)
+
+
 def conv2d_backward_input(gy, w, p):
-    apply_to_blas(get_num_threads())
+    as_forward = p.input_gradient_as_forward()
+    if as_forward is not None and not _is_pointwise(p):  # one GEMM shape for both directions, no col2im
+        return conv2d_forward(gy, _flipped_transposed(w, p.groups), None, as_forward)
     wg = _group_matrices(w, p.groups, w[0].size)
     if _is_pointwise(p):
         gx = np.empty(p.input_shape, gy.dtype)
-        gyg = gy.reshape(p.batch, p.groups, p.out_channels // p.groups, -1)
-        gxg = gx.reshape(p.batch, p.groups, p.in_channels // p.groups, -1)
-        for g in range(p.groups):
-            np.matmul(wg[g].T, gyg[:, g], out=gxg[:, g])
+        gyg, gxg = _pointwise_matrices(gy, p, p.out_channels), _pointwise_matrices(gx, p, p.in_channels)
+        with blas_threads(get_num_threads()):
+            for g in range(p.groups):
+                np.matmul(wg[g].T, gyg[:, g], out=gxg[:, g])
         return gx
     gx = np.zeros(p.input_shape, gy.dtype)
-    unfolding = _Unfolding(p, gy.dtype)
-    for images, rows in unfolding.units:
+
+    def work(unfolding, index, unit):
+        images, rows = unit
         gyt, dcols = _grad_output_unit(unfolding, gy, images, rows), unfolding.columns(images, rows)
-        columns = gyt[0].size
-        dcolsg, gytg = _group_matrices(dcols, p.groups, columns), _group_matrices(gyt, p.groups, columns)
+        dcolsg, gytg = _group_matrices(dcols, p.groups, gyt[0].size), _group_matrices(gyt, p.groups, gyt[0].size)
         for g in range(p.groups):
             np.matmul(wg[g].T, gytg[g], out=dcolsg[g])
         unfolding.fold(dcols, gx, images, rows)
+
+    _for_each_unit(p, gy.dtype, work)
     return gx
 
 
