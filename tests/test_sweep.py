@@ -13,7 +13,7 @@ try:
 except ImportError:
     torch = None
 
-SWEEP = settings(max_examples=60, deadline=None, derandomize=True,
+SWEEP = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])
 small = st.integers(1, 4)
 pair = st.tuples(small, small)
@@ -79,8 +79,8 @@ def test_pool_sweep(backend, case, seed):
     np.testing.assert_array_equal(idx, idx_ref)
     np.testing.assert_array_equal(y, y_ref)
     gy = rng.standard_normal(y.shape).astype(np.float32)
-    np.testing.assert_allclose(fastconv.max_pool2d_backward(gy, idx, x_shape, backend=backend),
-                               fastconv.max_pool2d_backward(gy, idx, x_shape, backend="naive"), rtol=1e-6)
+    assert rel_err(fastconv.max_pool2d_backward(gy, idx, x_shape, backend=backend),
+                   fastconv.max_pool2d_backward(gy.astype(np.float64), idx, x_shape, backend="naive")) <= 1e-6
     if torch is not None:
         y_t, idx_t = torch.nn.functional.max_pool2d(torch.from_numpy(x), **kw, return_indices=True)
         np.testing.assert_array_equal(idx_ref, idx_t.numpy())

@@ -238,8 +238,7 @@ def conv2d_forward(x, w, b, p):
     if _is_pointwise(p):
         xg, yg = _pointwise_matrices(x, p, p.in_channels), _pointwise_matrices(y, p, p.out_channels)
         with blas_threads(get_num_threads()):
-            for g in range(p.groups):
-                np.matmul(wg[g], xg[:, g], out=yg[:, g])
+            np.matmul(wg, xg, out=yg)
         if b is not None:
             y += b[:, None, None]
         return y
@@ -248,8 +247,7 @@ def conv2d_forward(x, w, b, p):
         images, rows = unit
         cols, out = unfolding.unfold(x, images, rows), unfolding.outputs(images, rows)
         colsg, outg = _group_matrices(cols, p.groups, out[0].size), _group_matrices(out, p.groups, out[0].size)
-        for g in range(p.groups):
-            np.matmul(wg[g], colsg[g], out=outg[g])
+        np.matmul(wg, colsg, out=outg)
         dst, src = y[images, :, rows].transpose(1, 0, 2, 3), out[..., :p.out_width]
         if b is None:
             dst[...] = src
@@ -276,8 +274,7 @@ def conv2d_backward_weight(gy, x, p):
         gwg = _group_matrices(gw, p.groups, gw[0].size)
         with blas_threads(get_num_threads()):
             for n in range(p.batch):  # one partial per image, added in image order
-                for g in range(p.groups):
-                    gwg[g] += gyg[n, g] @ xg[n, g].T
+                gwg += gyg[n] @ xg[n].transpose(0, 2, 1)
         return gw
     total = _InOrder(gw)
 
@@ -285,8 +282,7 @@ def conv2d_backward_weight(gy, x, p):
         images, rows = unit
         cols, gyt = unfolding.unfold(x, images, rows), _grad_output_unit(unfolding, gy, images, rows)
         colsg, gytg = _group_matrices(cols, p.groups, gyt[0].size), _group_matrices(gyt, p.groups, gyt[0].size)
-        partial = np.stack([gytg[g] @ colsg[g].T for g in range(p.groups)]).reshape(p.weight_shape)
-        total.add(index, partial)
+        total.add(index, (gytg @ colsg.transpose(0, 2, 1)).reshape(p.weight_shape))
 
     _for_each_unit(p, x.dtype, work)
     return gw
@@ -309,8 +305,7 @@ def conv2d_backward_input(gy, w, p):
         gx = np.empty(p.input_shape, gy.dtype)
         gyg, gxg = _pointwise_matrices(gy, p, p.out_channels), _pointwise_matrices(gx, p, p.in_channels)
         with blas_threads(get_num_threads()):
-            for g in range(p.groups):
-                np.matmul(wg[g].T, gyg[:, g], out=gxg[:, g])
+            np.matmul(wg.transpose(0, 2, 1), gyg, out=gxg)
         return gx
     gx = np.zeros(p.input_shape, gy.dtype)
 
@@ -318,8 +313,7 @@ def conv2d_backward_input(gy, w, p):
         images, rows = unit
         gyt, dcols = _grad_output_unit(unfolding, gy, images, rows), unfolding.columns(images, rows)
         dcolsg, gytg = _group_matrices(dcols, p.groups, gyt[0].size), _group_matrices(gyt, p.groups, gyt[0].size)
-        for g in range(p.groups):
-            np.matmul(wg[g].T, gytg[g], out=dcolsg[g])
+        np.matmul(wg.transpose(0, 2, 1), gytg, out=dcolsg)
         unfolding.fold(dcols, gx, images, rows)
 
     _for_each_unit(p, gy.dtype, work)
