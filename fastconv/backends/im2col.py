@@ -281,6 +281,7 @@ def conv2d_backward_weight(gy, x, p):
     def work(unfolding, index, unit):
         images, rows = unit
         cols, gyt = unfolding.unfold(x, images, rows), _grad_output_unit(unfolding, gy, images, rows)
+        cols[..., p.out_width:] = 0  # the dropped columns of wide rows: an inf there times 0 would be NaN
         colsg, gytg = _group_matrices(cols, p.groups, gyt[0].size), _group_matrices(gyt, p.groups, gyt[0].size)
         total.add(index, (gytg @ colsg.transpose(0, 2, 1)).reshape(p.weight_shape))
 

@@ -1,0 +1,264 @@
+"""Numba kernels of the `numba` backend; the wrappers in numba.py pack the weights and lay out the arrays.
+
+Every convolution runs as one stride-1 "correlation" over a *source* image laid out so that the input window
+of each kernel tap is one contiguous run:
+
+    out[co, t] = sum_k weights[co, k] * source[offsets[k] + t],      t = oh * row + ow
+
+The source is the padded input (forward, weight gradient) or the zero-upsampled, padded output gradient
+(input gradient), split into stride phases: element (v, u) of the padded image goes to sub-image
+(v % sh, u % sw) at (v // sh, u // sw). A tap (kh, kw) then reads one sub-image shifted by
+(kh*dh // sh, kw*dw // sw) for every stride and dilation, and consecutive output columns are consecutive
+elements. Each output row is computed `row` wide (the sub-image width): the few extra columns read the next
+row and are discarded. The contiguous t loop is what LLVM vectorizes; a block of output channels times a
+block of taps is kept in registers (weights as scalars hoisted out of the loop).
+
+Padded taps (k beyond the real ones, to fill a block) point at a zero tail of each source image and have
+zero weights, so they add exact zeros even when the input holds inf or NaN.
+"""
+import numpy as np
+from numba import njit, prange
+
+# No nnan/ninf: NaN and inf must propagate (pooling compares with NaN).
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+TAPS_FORWARD = 4  # taps per block in the forward/input-gradient kernel
+TAPS_WEIGHT = 3  # taps per block in the weight-gradient kernel
+ROWS_PER_TILE = 1024  # output elements (rounded to whole rows) accumulated at once: 8 rows stay in L1
+WEIGHT_CHUNK = 4  # images per weight-gradient partial sum: fixed, so results do not depend on threads
+
+jit = njit(parallel=True, nogil=True, fastmath=FASTMATH, cache=True)
+inline_jit = njit(nogil=True, fastmath=FASTMATH, cache=True)
+
+
+@jit
+def build_source(a, source, up_h, up_w, pad_top, pad_left, sh, sw, sub_h, sub_w):
+    """source[n] <- a[n] (N, C, H, W), upsampled by (up_h, up_w), shifted by the (possibly negative)
+    padding, split into sh*sw stride phases of sub_h x sub_w each, zeros elsewhere; then a zero tail."""
+    n_img, channels, height, width = a.shape
+    sub = sub_h * sub_w
+    per_channel = sh * sw * sub
+    for item in prange(n_img * channels):
+        n, c = item // channels, item % channels
+        block = source[n, c * per_channel:(c + 1) * per_channel]
+        block[:] = 0
+        for h in range(height):
+            v = h * up_h + pad_top
+            if v < 0 or v >= sub_h * sh:
+                continue
+            row = block[(v % sh) * sw * sub + (v // sh) * sub_w:]
+            if up_w == 1 and sw == 1:
+                lo, hi = max(0, -pad_left), min(width, sub_w - pad_left)
+                if lo < hi:
+                    row[lo + pad_left:hi + pad_left] = a[n, c, h, lo:hi]
+            else:
+                for w in range(width):
+                    u = w * up_w + pad_left
+                    if 0 <= u < sub_w * sw:
+                        row[(u % sw) * sub + u // sw] = a[n, c, h, w]
+    for n in range(n_img):
+        source[n, channels * per_channel:] = 0
+
+
+@inline_jit
+def _block8(acc, img, offsets, weights, co, k, n):
+    """acc[0:8, :n] += weights[co:co+8, k:k+4] @ (the four tap runs of img, n long)."""
+    x0 = img[offsets[k]:][:n]
+    x1 = img[offsets[k + 1]:][:n]
+    x2 = img[offsets[k + 2]:][:n]
+    x3 = img[offsets[k + 3]:][:n]
+    w00, w01, w02, w03 = weights[co, k], weights[co, k + 1], weights[co, k + 2], weights[co, k + 3]
+    w10, w11, w12, w13 = weights[co + 1, k], weights[co + 1, k + 1], weights[co + 1, k + 2], weights[co + 1, k + 3]
+    w20, w21, w22, w23 = weights[co + 2, k], weights[co + 2, k + 1], weights[co + 2, k + 2], weights[co + 2, k + 3]
+    w30, w31, w32, w33 = weights[co + 3, k], weights[co + 3, k + 1], weights[co + 3, k + 2], weights[co + 3, k + 3]
+    w40, w41, w42, w43 = weights[co + 4, k], weights[co + 4, k + 1], weights[co + 4, k + 2], weights[co + 4, k + 3]
+    w50, w51, w52, w53 = weights[co + 5, k], weights[co + 5, k + 1], weights[co + 5, k + 2], weights[co + 5, k + 3]
+    w60, w61, w62, w63 = weights[co + 6, k], weights[co + 6, k + 1], weights[co + 6, k + 2], weights[co + 6, k + 3]
+    w70, w71, w72, w73 = weights[co + 7, k], weights[co + 7, k + 1], weights[co + 7, k + 2], weights[co + 7, k + 3]
+    a0, a1, a2, a3 = acc[0, :n], acc[1, :n], acc[2, :n], acc[3, :n]
+    a4, a5, a6, a7 = acc[4, :n], acc[5, :n], acc[6, :n], acc[7, :n]
+    for t in range(n):
+        v0, v1, v2, v3 = x0[t], x1[t], x2[t], x3[t]
+        a0[t] += w00 * v0 + w01 * v1 + w02 * v2 + w03 * v3
+        a1[t] += w10 * v0 + w11 * v1 + w12 * v2 + w13 * v3
+        a2[t] += w20 * v0 + w21 * v1 + w22 * v2 + w23 * v3
+        a3[t] += w30 * v0 + w31 * v1 + w32 * v2 + w33 * v3
+        a4[t] += w40 * v0 + w41 * v1 + w42 * v2 + w43 * v3
+        a5[t] += w50 * v0 + w51 * v1 + w52 * v2 + w53 * v3
+        a6[t] += w60 * v0 + w61 * v1 + w62 * v2 + w63 * v3
+        a7[t] += w70 * v0 + w71 * v1 + w72 * v2 + w73 * v3
+
+
+@inline_jit
+def _block4(acc, img, offsets, weights, co, k, n):
+    """acc[0:4, :n] += weights[co:co+4, k:k+4] @ (the four tap runs of img, n long): a group's last block."""
+    x0 = img[offsets[k]:][:n]
+    x1 = img[offsets[k + 1]:][:n]
+    x2 = img[offsets[k + 2]:][:n]
+    x3 = img[offsets[k + 3]:][:n]
+    w00, w01, w02, w03 = weights[co, k], weights[co, k + 1], weights[co, k + 2], weights[co, k + 3]
+    w10, w11, w12, w13 = weights[co + 1, k], weights[co + 1, k + 1], weights[co + 1, k + 2], weights[co + 1, k + 3]
+    w20, w21, w22, w23 = weights[co + 2, k], weights[co + 2, k + 1], weights[co + 2, k + 2], weights[co + 2, k + 3]
+    w30, w31, w32, w33 = weights[co + 3, k], weights[co + 3, k + 1], weights[co + 3, k + 2], weights[co + 3, k + 3]
+    a0, a1, a2, a3 = acc[0, :n], acc[1, :n], acc[2, :n], acc[3, :n]
+    for t in range(n):
+        v0, v1, v2, v3 = x0[t], x1[t], x2[t], x3[t]
+        a0[t] += w00 * v0 + w01 * v1 + w02 * v2 + w03 * v3
+        a1[t] += w10 * v0 + w11 * v1 + w12 * v2 + w13 * v3
+        a2[t] += w20 * v0 + w21 * v1 + w22 * v2 + w23 * v3
+        a3[t] += w30 * v0 + w31 * v1 + w32 * v2 + w33 * v3
+
+
+@jit
+def correlate(source, weights, offsets, bias, out, row):
+    """out[n, g*Cg + co, oh, ow] = bias[..] + sum_k weights[g, co, k] * source[n, offsets[g, k] + oh*row + ow].
+
+    weights (G, Cg rounded up to 4, K rounded up to 4) and offsets (G, K rounded up) come packed from the
+    wrapper. Work items are (image, group, block of 8 output channels (4 for a group's last one), tile of
+    output rows): both cores stay busy at batch 1, and each output is written by one item, so the thread
+    count never matters."""
+    n_img, out_channels, out_h, out_w = out.shape
+    groups, rows_padded, taps = weights.shape
+    per_group = out_channels // groups
+    blocks = rows_padded // 8 + (rows_padded % 8) // 4
+    tile_rows = max(1, ROWS_PER_TILE // row)
+    tiles = -(-out_h // tile_rows)
+    for item in prange(n_img * groups * blocks * tiles):
+        n, rest = item // (groups * blocks * tiles), item % (groups * blocks * tiles)
+        g, block, tile = rest // (blocks * tiles), (rest // tiles) % blocks, rest % tiles
+        co0 = block * 8
+        height = min(8, rows_padded - co0)
+        oh0 = tile * tile_rows
+        oh1 = min(out_h, oh0 + tile_rows)
+        t0, t1 = oh0 * row, oh1 * row
+        img, w, offs = source[n, t0:], weights[g], offsets[g]
+        acc = np.zeros((height, t1 - t0), source.dtype)
+        for k in range(0, taps, TAPS_FORWARD):
+            if height == 8:
+                _block8(acc, img, offs, w, co0, k, t1 - t0)
+            else:
+                _block4(acc, img, offs, w, co0, k, t1 - t0)
+        for r in range(height):
+            co = co0 + r
+            if co < per_group:
+                channel = g * per_group + co
+                for oh in range(oh0, oh1):
+                    start = (oh - oh0) * row
+                    out[n, channel, oh, :] = acc[r, start:start + out_w] + bias[channel]
+
+
+@jit
+def spread_rows(a, out, row):
+    """out[n, g, co, oh*row + ow] = a[n, g, co, oh, ow]: the output gradient (N, G, Cg, H_out, W_out) laid
+    out with the source's row length, zeros in the extra columns and in the rows that pad Cg."""
+    n_img, groups, rows_padded, _ = out.shape
+    per_group, out_h, out_w = a.shape[2], a.shape[3], a.shape[4]
+    for item in prange(n_img * groups * rows_padded):
+        n, g, co = item // (groups * rows_padded), (item // rows_padded) % groups, item % rows_padded
+        dest = out[n, g, co]
+        dest[:] = 0
+        if co < per_group:
+            for oh in range(out_h):
+                dest[oh * row:oh * row + out_w] = a[n, g, co, oh]
+
+
+@inline_jit
+def _dots4x3(g0, g1, g2, g3, x0, x1, x2):
+    """The 12 dot products of four output-gradient runs with three tap runs (vectorized reductions)."""
+    zero = g0.dtype.type(0)
+    s00 = s01 = s02 = s10 = s11 = s12 = s20 = s21 = s22 = s30 = s31 = s32 = zero
+    for t in range(g0.size):
+        v0, v1, v2 = x0[t], x1[t], x2[t]
+        y0, y1, y2, y3 = g0[t], g1[t], g2[t], g3[t]
+        s00 += y0 * v0
+        s01 += y0 * v1
+        s02 += y0 * v2
+        s10 += y1 * v0
+        s11 += y1 * v1
+        s12 += y1 * v2
+        s20 += y2 * v0
+        s21 += y2 * v1
+        s22 += y2 * v2
+        s30 += y3 * v0
+        s31 += y3 * v1
+        s32 += y3 * v2
+    return s00, s01, s02, s10, s11, s12, s20, s21, s22, s30, s31, s32
+
+
+@jit
+def weight_partials(source, grad_rows, offsets, partials):
+    """partials[chunk, g, co, k] = sum over the chunk's images of sum_t grad_rows[n, g*Cg + co, t] *
+    source[n, offsets[g, k] + t], in float64.
+
+    grad_rows (N, G, Cg rounded up to 4, T); partials (chunks, G, Cg rounded up to 4, K rounded up
+    to 3). Each image's sum over t runs in the working dtype (vectorized, so many short partial sums), images
+    are added in float64; the wrapper adds the chunks in order. Items: (chunk, group, block of 4 channels)."""
+    n_img = source.shape[0]
+    chunks, groups, rows_padded, taps = partials.shape
+    length = grad_rows.shape[3]
+    blocks = rows_padded // 4
+    for item in prange(chunks * groups * blocks):
+        chunk, g, block = item // (groups * blocks), (item // blocks) % groups, item % blocks
+        co = block * 4
+        part, offs = partials[chunk, g], offsets[g]
+        part[co:co + 4, :] = 0
+        for n in range(chunk * WEIGHT_CHUNK, min(n_img, (chunk + 1) * WEIGHT_CHUNK)):
+            img, gy = source[n], grad_rows[n, g, co:]
+            g0, g1, g2, g3 = gy[0], gy[1], gy[2], gy[3]
+            for k in range(0, taps, TAPS_WEIGHT):
+                s = _dots4x3(g0, g1, g2, g3, img[offs[k]:][:length], img[offs[k + 1]:][:length],
+                             img[offs[k + 2]:][:length])
+                for r in range(4):
+                    for j in range(3):
+                        part[co + r, k + j] += s[r * 3 + j]
+
+
+@jit
+def max_pool_forward(x, y, indices, kh, kw, sh, sw, ph, pw, dh, dw):
+    """PyTorch's rule over in-bounds cells, row-major: a cell wins if greater than the best or NaN; the first
+    in-bounds cell sets the start. Parallel over the N*C planes."""
+    n_img, channels, height, width = x.shape
+    out_h, out_w = y.shape[2], y.shape[3]
+    for plane in prange(n_img * channels):
+        n, c = plane // channels, plane % channels
+        xp, yp, ip = x[n, c], y[n, c], indices[n, c]
+        for i in range(out_h):
+            r0 = i * sh - ph
+            i_lo = max(0, (-r0 + dh - 1) // dh)
+            i_hi = min(kh, (height - r0 + dh - 1) // dh)
+            for j in range(out_w):
+                s0 = j * sw - pw
+                j_lo = max(0, (-s0 + dw - 1) // dw)
+                j_hi = min(kw, (width - s0 + dw - 1) // dw)
+                best_r, best_s = r0 + i_lo * dh, s0 + j_lo * dw
+                best = xp[best_r, best_s]
+                for a in range(i_lo, i_hi):
+                    r = r0 + a * dh
+                    for b in range(j_lo, j_hi):
+                        s = s0 + b * dw
+                        value = xp[r, s]
+                        take = (value > best) | np.isnan(value)  # selects, not branches: random data mispredicts
+                        best = value if take else best
+                        best_r = r if take else best_r
+                        best_s = s if take else best_s
+                yp[i, j] = best
+                ip[i, j] = best_r * width + best_s
+
+
+@jit
+def max_pool_backward(grad_output, indices, grad_input, bad):
+    """grad_input[n, c].flat[indices] += grad_output, plane by plane (planes are independent: no races).
+    Each plane is zeroed and scattered by one task while it is hot in cache. An index outside the plane
+    is recorded in bad[plane] (bad[plane, 0] = 1, bad[plane, 1] = the index) and stops that plane's scatter."""
+    n_img, channels, height, width = grad_input.shape
+    size = height * width
+    for plane in prange(n_img * channels):
+        n, c = plane // channels, plane % channels
+        gx = grad_input[n, c].reshape(size)
+        gy, idx = grad_output[n, c].ravel(), indices[n, c].ravel()
+        gx[:] = 0
+        for e in range(gy.size):
+            index = idx[e]
+            if index < 0 or index >= size:
+                bad[plane, 0], bad[plane, 1] = 1, index
+                break
+            gx[index] += gy[e]

@@ -1,0 +1,158 @@
+"""The `numba` backend: direct convolution and max-pooling kernels compiled by Numba (_numba_kernels.py).
+
+Kernels compile on first use (never at import) and are cached on disk. Every call applies the thread
+setting in force (Numba's thread count is per Python thread); problems too small to pay for a parallel
+region run on one thread, chosen by size only. Results do not depend on the thread count: every output
+is computed by one work item, and the weight gradient adds fixed chunks of the batch in a fixed order.
+"""
+import numba
+import numpy as np
+
+from ..params import index_out_of_plane
+from ..threads import get_num_threads
+from . import _numba_kernels as kernels
+
+# omp runs concurrent calls from several Python threads; workqueue would abort on them.
+numba.config.THREADING_LAYER = "omp"
+
+# Below this many multiply-adds (or elements, for pooling) a parallel region costs more than it saves.
+SERIAL_WORK = 1 << 18
+
+
+def supports(op, p, dtype):
+    return None
+
+
+def describe():
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel region has run yet
+        layer = f"{numba.config.THREADING_LAYER} (requested)"
+    return f"numba {numba.__version__}, threading layer {layer}"
+
+
+def _use_threads(work):
+    """Apply the thread setting to this Python thread's Numba: one thread for small work."""
+    wanted = 1 if work < SERIAL_WORK else min(get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(wanted)
+
+
+def _round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+def _source(a, up, pad, stride, sub_shape, tail):
+    """a (N, C, H, W) upsampled by `up`, padded by `pad` (top, left; negative crops) and split into stride
+    phases of sub_shape each (see _numba_kernels), one flat image per n, plus a zero tail `tail` long."""
+    n, c = a.shape[:2]
+    sub_h, sub_w = sub_shape
+    source = np.empty((n, c * stride[0] * stride[1] * sub_h * sub_w + tail), a.dtype)
+    kernels.build_source(a, source, up[0], up[1], pad[0], pad[1], stride[0], stride[1], sub_h, sub_w)
+    return source
+
+
+def _tap_offsets(groups, per_group, kernel, stride, dilation, sub_shape, taps_padded, tail_start):
+    """offsets[g, k]: where tap k = (channel, kh, kw) of group g starts in a source image (stride phase,
+    then shift); taps past the real ones point at the zero tail."""
+    (kh, kw), (sh, sw), (dh, dw), (sub_h, sub_w) = kernel, stride, dilation, sub_shape
+    channel = np.arange(groups)[:, None, None, None] * per_group + np.arange(per_group)[None, :, None, None]
+    rows, cols = np.arange(kh)[:, None] * dh, np.arange(kw)[None, :] * dw
+    phase = (channel * sh + rows % sh) * sw + cols % sw
+    offsets = phase * (sub_h * sub_w) + (rows // sh) * sub_w + cols // sw
+    packed = np.full((groups, taps_padded), tail_start, np.int64)
+    packed[:, :per_group * kh * kw] = offsets.reshape(groups, -1)
+    return packed
+
+
+def _packed_weights(w, groups, taps_multiple):
+    """(C_out, Cg, KH, KW) as (G, C_out/G rounded up to 4, Cg*KH*KW rounded up to taps_multiple), zero-padded."""
+    per_group = w.shape[0] // groups
+    flat = w.reshape(groups, per_group, -1)
+    packed = np.zeros((groups, _round_up(per_group, 4), _round_up(flat.shape[2], taps_multiple)), w.dtype)
+    packed[:, :per_group, :flat.shape[2]] = flat
+    return packed
+
+
+def _correlate(source_of, weights, groups, kernel, stride, dilation, sub_shape, bias, out):
+    """out = the stride-1 correlation of the source with the packed taps (see _numba_kernels.correlate)."""
+    packed = _packed_weights(weights, groups, kernels.TAPS_FORWARD)
+    row = sub_shape[1]
+    tail = out.shape[2] * row
+    source = source_of(tail)
+    offsets = _tap_offsets(groups, weights.shape[1], kernel, stride, dilation, sub_shape, packed.shape[2],
+                           source.shape[1] - tail)
+    kernels.correlate(source, packed, offsets, bias, out, row)
+    return out
+
+
+def _forward_layout(p):
+    """Stride-phase sub-image shape of the padded input; one extra row keeps the wide rows' reads inside."""
+    (sh, sw) = p.stride
+    return (-(-p.padded_height // sh) + 1, -(-p.padded_width // sw))
+
+
+def conv2d_forward(x, w, b, p):
+    _use_threads(p.flops // 2)
+    sub_shape = _forward_layout(p)
+    top, _, left, _ = p.padding
+    bias = np.zeros(p.out_channels, x.dtype) if b is None else b
+    out = np.empty(p.output_shape, x.dtype)
+    return _correlate(lambda tail: _source(x, (1, 1), (top, left), p.stride, sub_shape, tail), w, p.groups,
+                      (p.kernel_height, p.kernel_width), p.stride, p.dilation, sub_shape, bias, out)
+
+
+def conv2d_backward_input(gy, w, p):
+    """A stride-1 correlation of the zero-upsampled, padded output gradient with the flipped kernel,
+    input and output channels swapped within each group: each input pixel gathers what it receives."""
+    _use_threads(p.flops // 2)
+    kh, kw = p.kernel_height, p.kernel_width
+    (dh, dw), (top, _, left, _) = p.dilation, p.padding
+    span_h, span_w = dh * (kh - 1), dw * (kw - 1)
+    sub_shape = (p.in_height + span_h + 1, p.in_width + span_w)
+    per_group = p.out_channels // p.groups
+    flipped = (w[:, :, ::-1, ::-1].reshape(p.groups, per_group, w.shape[1], kh, kw).transpose(0, 2, 1, 3, 4)
+               .reshape(p.in_channels, per_group, kh, kw))
+    out = np.empty(p.input_shape, gy.dtype)
+    return _correlate(lambda tail: _source(gy, p.stride, (span_h - top, span_w - left), (1, 1), sub_shape, tail),
+                      np.ascontiguousarray(flipped), p.groups, (kh, kw), (1, 1), p.dilation, sub_shape,
+                      np.zeros(p.in_channels, gy.dtype), out)
+
+
+def conv2d_backward_weight(gy, x, p):
+    _use_threads(p.flops // 2)
+    sub_shape = _forward_layout(p)
+    top, _, left, _ = p.padding
+    row = sub_shape[1]
+    length = p.out_height * row
+    per_group, channels_per_group = p.out_channels // p.groups, p.in_channels // p.groups
+    taps = channels_per_group * p.kernel_height * p.kernel_width
+    rows_padded, taps_padded = _round_up(per_group, 4), _round_up(taps, kernels.TAPS_WEIGHT)
+    source = _source(x, (1, 1), (top, left), p.stride, sub_shape, length)
+    offsets = _tap_offsets(p.groups, channels_per_group, (p.kernel_height, p.kernel_width), p.stride,
+                           p.dilation, sub_shape, taps_padded, source.shape[1] - length)
+    grad_rows = np.empty((p.batch, p.groups, rows_padded, length), gy.dtype)
+    kernels.spread_rows(gy.reshape(p.batch, p.groups, per_group, p.out_height, p.out_width), grad_rows, row)
+    chunks = -(-p.batch // kernels.WEIGHT_CHUNK)
+    partials = np.empty((chunks, p.groups, rows_padded, taps_padded), np.float64)
+    kernels.weight_partials(source, grad_rows, offsets, partials)
+    total = partials[0] if chunks == 1 else partials.sum(axis=0)
+    return np.ascontiguousarray(total[:, :per_group, :taps].reshape(p.weight_shape), dtype=gy.dtype)
+
+
+def max_pool2d_forward(x, p):
+    _use_threads(x.size)
+    y = np.empty(p.output_shape, x.dtype)
+    indices = np.empty(p.output_shape, np.int64)
+    kernels.max_pool_forward(x, y, indices, p.kernel_height, p.kernel_width, *p.stride, *p.padding, *p.dilation)
+    return y, indices
+
+
+def max_pool2d_backward(gy, indices, input_shape):
+    _use_threads(int(np.prod(input_shape)))
+    gx = np.empty(input_shape, gy.dtype)
+    bad = np.zeros((input_shape[0] * input_shape[1], 2), np.int64)
+    kernels.max_pool_backward(gy, indices, gx, bad)
+    flagged = np.flatnonzero(bad[:, 0])
+    if flagged.size:
+        raise index_out_of_plane(int(bad[flagged[0], 1]), input_shape)
+    return gx
