@@ -207,8 +207,8 @@ def test_non_finite_inputs_propagate_as_in_the_oracle(backend, value):
         x, w, b, gy = conv_arrays(case, np.float64)
         x[0, 1, 4, 7] = x[1, 2, 0, 0] = value
         kw = conv_kwargs(case)
-        got = [fastconv.conv2d(x, w, b, **kw, backend=backend), *fastconv.conv2d_backward(gy, x, w, **kw, backend=backend)]
-        ref = [fastconv.conv2d(x, w, b, **kw, backend="naive"), *fastconv.conv2d_backward(gy, x, w, **kw, backend="naive")]
+        got, ref = ([fastconv.conv2d(x, w, b, **kw, backend=name),
+                     *fastconv.conv2d_backward(gy, x, w, **kw, backend=name)] for name in (backend, "naive"))
         for g, r in zip(got, ref):
             np.testing.assert_array_equal(np.isnan(g), np.isnan(r))
             np.testing.assert_array_equal(np.isinf(g), np.isinf(r))
