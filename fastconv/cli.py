@@ -57,7 +57,8 @@ def report(args):
 
     if not args.default_allocator:
         report.reexec_with_reused_buffers(args.argv)
-    report.run(args.out, quick=args.quick, threads=args.threads, with_torch=not args.no_torch)
+    report.run(args.out, quick=args.quick, threads=args.threads, with_torch=not args.no_torch,
+               command=" ".join(["fastconv", *args.argv]))
 
 
 def main(argv=None):

@@ -1,0 +1,570 @@
+"""`fastconv report`: every available backend and PyTorch (when installed) timed over the suite, written as
+a self-contained folder: report.html (plots embedded), report.md with the plots beside it as PNG files,
+and results.json with the raw numbers.
+
+Each figure is compared with ceilings measured in the same run: NumPy's float32 GEMM rate for the
+convolutions, a parallel copy's bandwidth for the poolings. Every side runs in this one process with the
+same thread count and, unless --default-allocator is given, with freed buffers reused (GLIBC_TUNABLES).
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import fastconv
+
+from . import dispatch, suite
+from ._measure import copy_bandwidth, gemm_rate, time_calls
+
+# Freed buffers go back to the heap and are reused, instead of fresh pages (~1.4 us per 4 KiB page)
+# on every large allocation: the kernels are measured, not the allocator. glibc reads this at start-up.
+REUSED_BUFFERS = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
+
+OP_TITLES = {
+    "conv2d_forward": "conv2d forward",
+    "conv2d_backward_input": "conv2d grad input",
+    "conv2d_backward_weight": "conv2d grad weight",
+    "max_pool2d_forward": "max_pool2d forward (indices included)",
+    "max_pool2d_backward": "max_pool2d backward",
+}
+
+
+def reusing_buffers():
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return all(setting in tunables for setting in REUSED_BUFFERS.split(":"))
+
+
+def reexec_with_reused_buffers(argv):
+    """Restart this process as `python -m fastconv ARGV` with REUSED_BUFFERS in GLIBC_TUNABLES, unless it
+    is already there (glibc reads the variable only at process start)."""
+    if reusing_buffers():
+        return
+    current = os.environ.get("GLIBC_TUNABLES")
+    env = dict(os.environ, GLIBC_TUNABLES=f"{current}:{REUSED_BUFFERS}" if current else REUSED_BUFFERS)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "fastconv", *argv], env)
+
+
+def _import_torch():
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+
+    return torch
+
+
+def rel_err(got, ref):
+    """||got - ref|| / ||ref|| in float64."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    scale = np.linalg.norm(ref)
+    return float(np.linalg.norm(got - ref) / (scale if scale > 0 else 1.0))
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+def _reference(case, op, inputs, torch):
+    """The float64 result that float32 results are compared with: fastconv's `auto` choice in float64
+    (tested against the naive oracle to 1e-12), or PyTorch's when auto could only pick naive on a case
+    too large for it. None when neither can (or the reference itself fails: the rows say why)."""
+    inputs64 = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in inputs.items()}
+    if case.naive_feasible() or set(fastconv.available_backends()) - {"naive"}:
+        call = suite.fastconv_call(case, op, inputs64, "auto")
+    elif torch is not None:
+        call = suite.torch_call(case, op, inputs64)
+    else:
+        return None
+    try:
+        result = call()
+    except Exception:
+        return None
+    return result[0] if op == "max_pool2d_forward" else result
+
+
+def _skip_reason(side, case, op, dtype):
+    """Why `side` does not run `op` of `case`, or None."""
+    if side == "torch":
+        return None
+    if side == "naive" and not case.naive_feasible():
+        return f"over naive's size cap ({suite.NAIVE_MAX_FLOPS:.0e} FLOPs)"
+    # As api.py does: max_pool2d_backward's choice sees only the input shape.
+    params = case.params.input_shape if op == "max_pool2d_backward" else case.params
+    return dispatch.load(side).supports(op, params, np.dtype(dtype))
+
+
+def _measure(sides, case, op, dtype, inputs, reference, budget, min_repeats):
+    """The rows of `op` of `case`, one per side (a backend name or "torch"), timed side by side."""
+    conv = isinstance(case, suite.Conv)
+    rows, calls = {}, {}
+    for side in sides:
+        rows[side] = dict(case=case.name, kind="conv" if conv else "pool", op=op, dtype=np.dtype(dtype).name,
+                          backend=side, flops=case.flops if conv else 0,
+                          bytes=case.bytes_moved(np.dtype(dtype).itemsize), status="ok", reason=None)
+        reason = _skip_reason(side, case, op, dtype)
+        if reason is not None:
+            rows[side].update(status="skipped", reason=reason)
+        elif side == "torch":
+            calls[side] = suite.torch_call(case, op, inputs)
+        else:
+            calls[side] = suite.fastconv_call(case, op, inputs, side)
+    for side, outcome in time_calls(calls, budget, min_repeats).items():
+        row = rows[side]
+        if isinstance(outcome, Exception):  # one broken backend must not stop the report: it says what failed
+            row.update(status="failed", reason=f"{type(outcome).__name__}: {outcome}")
+            continue
+        timing, result = outcome
+        row.update(median_s=timing.median, best_s=timing.best, repeats=timing.repeats,
+                   first_call_s=timing.first_call, gbs=row["bytes"] / timing.median / 1e9)
+        if conv:
+            row["gflops"] = row["flops"] / timing.median / 1e9
+        if op == "max_pool2d_forward":
+            result, indices = result
+            row["indices_equal"] = bool(np.array_equal(indices, inputs["indices"]))
+        if reference is not None:
+            row["error"] = rel_err(result, reference)
+    return list(rows.values())
+
+
+def _ceilings(threads, budget):
+    return {"gemm_gflops": gemm_rate(threads, budget=budget), "copy_gbs": copy_bandwidth(threads, budget=budget)}
+
+
+def _runs(convs, pools):
+    """(case, dtype, ops) in the order they are measured: the suite in float32, then the float64 case."""
+    runs = [(case, np.float32, case.ops) for case in convs + pools]
+    if suite.FLOAT64_CASE in convs:
+        runs.append((suite.FLOAT64_CASE, np.float64, ("conv2d_forward",)))
+    return runs
+
+
+def collect(convs, pools, threads, budget=0.3, min_repeats=3, with_torch=True, progress=True,
+            command="fastconv report"):
+    """Measure every available backend (and PyTorch) on the given cases; returns the JSON-able results."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    torch = _import_torch() if with_torch else None
+    torch_threads = torch.get_num_threads() if torch is not None else None
+    sides = list(fastconv.available_backends()) + (["torch"] if torch is not None else [])
+    runs = _runs(list(convs), list(pools))
+    rows = []
+    with fastconv.threads(threads), tqdm(total=sum(len(ops) for _, _, ops in runs) * len(sides), unit="run",
+                                         disable=not progress, file=sys.stderr) as bar:
+        if torch is not None:
+            torch.set_num_threads(threads)
+        before = _ceilings(threads, budget)
+        for case, dtype, ops in runs:
+            inputs = suite.make_inputs(case, dtype)
+            for op in ops:
+                bar.set_description(f"{case.name} {OP_TITLES[op].split(' (')[0]}")
+                reference = _reference(case, op, inputs, torch)
+                rows += _measure(sides, case, op, dtype, inputs, reference, budget, min_repeats)
+                bar.update(len(sides))
+        # Measured again at the end, the higher kept: load from elsewhere only ever lowers a ceiling.
+        after = _ceilings(threads, budget)
+        if torch is not None:
+            torch.set_num_threads(torch_threads)
+    ceilings = {key: max(before[key], after[key]) for key in before}
+    names = {tuple(suite.CONVS): "full", tuple(suite.QUICK_CONVS): "quick"}
+    return {
+        "meta": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": command,
+            "threads": threads, "budget_s": budget, "min_repeats": min_repeats,
+            "allocator": "reused" if reusing_buffers() else "default",
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+            "naive_max_flops": suite.NAIVE_MAX_FLOPS,
+            "suite": names.get(tuple(convs), "custom"),
+            "seconds": time.perf_counter() - started,
+        },
+        "machine": machine(threads),
+        "ceilings": ceilings,
+        "ceilings_measured": {"before": before, "after": after},
+        "sides": sides,
+        "rows": rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- machine
+
+def _cpuinfo():
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), None
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    # A physical core is a (package, core) pair; logical CPUs beyond that are SMT siblings.
+    cores, package = set(), None
+    for line in text.splitlines():
+        if line.startswith("physical id"):
+            package = line.split(":")[1].strip()
+        elif line.startswith("core id"):
+            cores.add((package, line.split(":")[1].strip()))
+    return model, len(cores) or None
+
+
+def _version(package):
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine(threads):
+    """What the figures were measured on: CPU, cores, threads, versions, backends, BLAS and OpenMP."""
+    from threadpoolctl import threadpool_info
+
+    model, physical_cores = _cpuinfo()
+    backends = {}
+    for name, error in fastconv.backend_status().items():
+        describe = getattr(dispatch.load(name), "describe", None) if error is None else None
+        backends[name] = ("available" + (f": {describe()}" if describe else "")) if error is None else \
+            f"unavailable: {error}"
+    env_prefixes = ("OMP_", "OPENBLAS_", "MKL_", "NUMBA_", "FASTCONV_", "GLIBC_TUNABLES")
+    return {
+        "cpu": model,
+        "physical_cores": physical_cores,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "threads": threads,
+        "platform": platform.platform(),
+        "versions": {"python": platform.python_version(), "fastconv": fastconv.__version__,
+                     **{pkg: _version(pkg) for pkg in ("numpy", "scipy", "numba", "torch", "threadpoolctl")}},
+        "backends": backends,
+        "threadpools": [f"{p['user_api']}: {p['internal_api']} {p.get('version') or ''} "
+                        f"({p['num_threads']} threads) {p['filepath']}" for p in threadpool_info()],
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(env_prefixes)},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- summaries
+
+def _ok(rows, **where):
+    return [r for r in rows if r["status"] == "ok" and all(r[k] == v for k, v in where.items())]
+
+
+def _geomean(values):
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def _speedups(rows, side, over, op, dtype="float32"):
+    """median(over) / median(side) for each case both ran, by case name."""
+    base = {r["case"]: r["median_s"] for r in _ok(rows, backend=over, op=op, dtype=dtype)}
+    return {r["case"]: base[r["case"]] / r["median_s"]
+            for r in _ok(rows, backend=side, op=op, dtype=dtype) if r["case"] in base}
+
+
+def geomeans(results):
+    """Per side and op (float32): the geometric mean of GFLOP/s (GB/s for pooling) and of the speed-up over
+    PyTorch, over the cases the side ran, with their count."""
+    rows, table = results["rows"], {}
+    ops = [op for op in suite.CONV_OPS + suite.POOL_OPS if _ok(rows, op=op)]
+    for side in results["sides"]:
+        for op in ops:
+            done = _ok(rows, backend=side, op=op, dtype="float32")
+            rate = "gflops" if op in suite.CONV_OPS else "gbs"
+            table[side, op] = {
+                "rate": _geomean([r[rate] for r in done]),
+                "vs_torch": _geomean(list(_speedups(rows, side, "torch", op).values())),
+                "cases": len(done),
+                "of": len({r["case"] for r in rows if r["op"] == op and r["dtype"] == "float32"}),
+            }
+    return ops, table
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+def _colors(sides):
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"]
+    return {side: palette(i % 10) for i, side in enumerate(sides)}
+
+
+def _bar_chart(results, op, colors):
+    from matplotlib.figure import Figure
+
+    rows = _ok(results["rows"], op=op, dtype="float32")
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    sides = [s for s in results["sides"] if any(r["backend"] == s for r in rows)]
+    conv = op in suite.CONV_OPS
+    rate, ceiling = ("gflops", "gemm_gflops") if conv else ("gbs", "copy_gbs")
+    fig = Figure(figsize=(max(8.0, 1.0 * len(cases) + 3), 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(sides), 1)
+    for k, side in enumerate(sides):
+        values = {r["case"]: r[rate] for r in rows if r["backend"] == side}
+        xs = [i + (k - (len(sides) - 1) / 2) * width for i, c in enumerate(cases) if c in values]
+        ax.bar(xs, [values[c] for c in cases if c in values], width, label=side, color=colors[side])
+    ax.axhline(results["ceilings"][ceiling], color="black", linestyle="--", linewidth=1,
+               label="NumPy float32 GEMM" if conv else "parallel copy")
+    ax.set_yscale("log")
+    ax.set_ylim(top=2 * max([results["ceilings"][ceiling]] + [r[rate] for r in rows]))
+    ax.set_ylabel("GFLOP/s" if conv else "GB/s (bytes read + written)")
+    ax.set_xticks(range(len(cases)), cases, rotation=30, ha="right", fontsize=8)
+    ax.set_title(f"{OP_TITLES[op]}, float32, {results['meta']['threads']} threads: higher is better", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.grid(axis="y", which="both", alpha=0.3)
+    return fig
+
+
+def _roofline(results, colors):
+    from matplotlib.figure import Figure
+
+    rows = [r for r in _ok(results["rows"], kind="conv", dtype="float32")]
+    gemm, bandwidth = results["ceilings"]["gemm_gflops"], results["ceilings"]["copy_gbs"]
+    fig = Figure(figsize=(11, 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    intensity = [r["flops"] / r["bytes"] for r in rows]
+    xs = np.geomspace(min(intensity + [gemm / bandwidth]) / 2, max(intensity + [gemm / bandwidth]) * 2, 200)
+    ax.plot(xs, np.minimum(gemm, bandwidth * xs), color="black", linewidth=1.5,
+            label=f"ceiling: min(GEMM {gemm:.0f} GFLOP/s, copy {bandwidth:.0f} GB/s x intensity)")
+    markers = {"conv2d_forward": "o", "conv2d_backward_input": "s", "conv2d_backward_weight": "^"}
+    for side in results["sides"]:
+        for op, marker in markers.items():
+            mine = [r for r in rows if r["backend"] == side and r["op"] == op]
+            ax.scatter([r["flops"] / r["bytes"] for r in mine], [r["gflops"] for r in mine], marker=marker,
+                       color=colors[side], s=28, alpha=0.85,
+                       label=side if op == "conv2d_forward" else None)
+    for op, marker in markers.items():  # a legend entry per op, in grey
+        ax.scatter([], [], marker=marker, color="grey", label=OP_TITLES[op])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity: FLOPs / minimal bytes moved (input + weight + output, once)")
+    ax.set_ylabel("GFLOP/s")
+    ax.set_title("Roofline: convolutions, float32 (each point: one case, op and backend)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.grid(which="both", alpha=0.3)
+    return fig
+
+
+def _plots(results, out_dir):
+    """Write the plots as PNG files in out_dir; returns {file name: title}."""
+    colors = _colors(results["sides"])
+    figures = {f"{op}.png": (_bar_chart(results, op, colors), OP_TITLES[op])
+               for op in suite.CONV_OPS + suite.POOL_OPS if _ok(results["rows"], op=op, dtype="float32")}
+    if _ok(results["rows"], kind="conv", dtype="float32"):
+        figures["roofline.png"] = (_roofline(results, colors), "Roofline")
+    for name, (figure, _) in figures.items():
+        figure.savefig(out_dir / name, dpi=100)
+    return {name: title for name, (_, title) in figures.items()}
+
+
+# ---------------------------------------------------------------------------------------------- document
+
+def _num(value):
+    """Three significant digits, no exponent."""
+    if value is None:
+        return ""
+    digits = max(0, 2 - math.floor(math.log10(abs(value)))) if value else 0
+    return f"{value:.{digits}f}"
+
+
+def _op_table(results, op, dtype):
+    """Headers and rows of one op's table: a row per case and side."""
+    rows = [r for r in results["rows"] if r["op"] == op and r["dtype"] == dtype]
+    conv = op in suite.CONV_OPS
+    ceiling = results["ceilings"]["gemm_gflops" if conv else "copy_gbs"]
+    rate = "gflops" if conv else "gbs"
+    over_im2col = {}
+    over_torch = {}
+    for side in results["sides"]:
+        over_im2col[side] = _speedups(results["rows"], side, "im2col", op, dtype)
+        over_torch[side] = _speedups(results["rows"], side, "torch", op, dtype)
+    headers = ["case", "backend", "time (ms)", "GFLOP/s" if conv else "GB/s",
+               "% of GEMM" if conv else "% of copy", "x im2col", "x PyTorch", "error vs float64", "note"]
+    table, previous = [], None
+    for r in rows:
+        if r["backend"] == "naive" and r["status"] == "skipped":
+            continue  # the size cap is stated once, above the tables
+        case = r["case"] if r["case"] != previous else ""
+        previous = r["case"]
+        if r["status"] != "ok":
+            table.append([case, r["backend"], "", "", "", "", "", "", f"{r['status']}: {r['reason']}"])
+            continue
+        error = f"{r['error']:.1e}" if "error" in r else ""
+        note = "" if r.get("indices_equal", True) else "indices differ from the reference"
+        speedup_im2col = over_im2col[r["backend"]].get(r["case"])
+        speedup_torch = over_torch[r["backend"]].get(r["case"])
+        table.append([
+            case, r["backend"], _num(r["median_s"] * 1e3), _num(r[rate]), f"{100 * r[rate] / ceiling:.0f}%",
+            f"{speedup_im2col:.2f}" if speedup_im2col else "", f"{speedup_torch:.2f}" if speedup_torch else "",
+            error, note,
+        ])
+    return headers, table
+
+
+def _geomean_table(results):
+    ops, means = geomeans(results)
+    headers = ["backend"] + [OP_TITLES[op].split(" (")[0] for op in ops]
+    table = []
+    for side in results["sides"]:
+        cells = []
+        for op in ops:
+            m = means[side, op]
+            torch = f" / {m['vs_torch']:.2f}" if m["vs_torch"] and side != "torch" else ""
+            count = "" if m["cases"] == m["of"] else f" ({m['cases']} of {m['of']} cases)"
+            cells.append(f"{_num(m['rate'])}{torch}{count}" if m["cases"] else "")
+        table.append([side] + cells)
+    return headers, table
+
+
+def _machine_table(results):
+    m = results["machine"]
+    rows = [
+        ["CPU", m["cpu"]],
+        ["cores", f"{m['physical_cores'] or '?'} physical, {m['logical_cpus']} logical, {m['usable_cpus']} usable"],
+        ["threads used", f"{m['threads']} (fastconv.set_num_threads, torch.set_num_threads, BLAS limits)"],
+        ["platform", m["platform"]],
+        ["versions", ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)],
+    ]
+    rows += [[f"backend {name}", status] for name, status in m["backends"].items()]
+    rows += [["thread pool", pool] for pool in m["threadpools"]]
+    rows += [["environment", f"{k}={v}"] for k, v in m["environment"].items()]
+    return ["", ""], rows
+
+
+def _blocks(results, plots):
+    """The report as a list of blocks, rendered to both Markdown and HTML:
+    ("h1"|"h2"|"p", text), ("table", headers, rows), ("img", file name, title)."""
+    meta, ceilings = results["meta"], results["ceilings"]
+    allocator = (f"freed buffers reused (GLIBC_TUNABLES={REUSED_BUFFERS}) on every side"
+                 if meta["allocator"] == "reused" else
+                 "the default glibc allocator (--default-allocator): large outputs are fresh pages on every call, "
+                 "which costs PyTorch more than NumPy")
+    n_convs = len({r["case"] for r in results["rows"] if r["kind"] == "conv"})
+    over = (f"the suite's {n_convs} convolutions" if meta["suite"] == "full" else
+            f"a {meta['suite']} subset ({n_convs} convolutions: not comparable with the full suite's means)")
+    blocks = [
+        ("h1", "fastconv report"),
+        ("p", f"{meta['date']}, `{meta['command']}`, {meta['threads']} threads, {meta['suite']} suite, "
+              f"{meta['seconds']:.0f} s. Memory: {allocator}."),
+        ("p", f"Each time is the median of repeated calls after one warm-up call (JIT compilation and caches "
+              f"stay out), repeated for at least {meta['budget_s']} s and {meta['min_repeats']} calls; the sides "
+              f"of a comparison take turns, one call each, so that load from elsewhere hits them alike. "
+              f"Every side is called through its public API (fastconv.conv2d / conv2d_backward / max_pool2d / "
+              f"max_pool2d_backward with backend=..., PyTorch's gradients one at a time through "
+              f"aten.convolution_backward and aten.max_pool2d_with_indices_backward). "
+              f"`naive` (Python loops) runs only on convolutions under {meta['naive_max_flops']:.0e} FLOPs. "
+              f"Ceilings measured in this run (before and after the cases, the higher kept): NumPy float32 GEMM "
+              f"(2048^3) {ceilings['gemm_gflops']:.1f} GFLOP/s, {meta['threads']}-thread copy "
+              f"{ceilings['copy_gbs']:.1f} GB/s (read + written)."),
+        ("p", "x im2col and x PyTorch: the other side's time divided by this one's (above 1: this one is "
+              "faster). Error vs float64: ||y - y64|| / ||y64||, y64 computed in float64 from the same inputs. "
+              "GB/s for pooling counts every array read and written once, int64 indices included."),
+    ]
+    if results["rows"]:
+        blocks += [("h2", "Geometric means"),
+                   ("p", f"Over {over} for the convolutions, over the poolings for pooling; float32. Each cell: "
+                         f"GFLOP/s (GB/s for pooling) / speed-up over PyTorch."),
+                   ("table", *_geomean_table(results))]
+    for op in suite.CONV_OPS + suite.POOL_OPS:
+        if not any(r["op"] == op and r["dtype"] == "float32" for r in results["rows"]):
+            continue
+        blocks += [("h2", OP_TITLES[op]), ("table", *_op_table(results, op, "float32"))]
+        if f"{op}.png" in plots:
+            blocks.append(("img", f"{op}.png", plots[f"{op}.png"]))
+    if any(r["dtype"] == "float64" for r in results["rows"]):
+        blocks += [("h2", "conv2d forward, float64"),
+                   ("table", *_op_table(results, "conv2d_forward", "float64"))]
+    if "roofline.png" in plots:
+        blocks += [("h2", "Roofline"),
+                   ("p", "GFLOP/s against arithmetic intensity (FLOPs per byte of the minimal traffic: input, "
+                         "weight and output once). Below the sloped line a case is bound by memory, below the "
+                         "flat one by arithmetic; the distance to the line is what a kernel leaves on the table."),
+                   ("img", "roofline.png", plots["roofline.png"])]
+    blocks += [("h2", "Machine"), ("table", *_machine_table(results)),
+               ("p", "Raw numbers: results.json (every row, with repeats, best and first-call times).")]
+    return blocks
+
+
+def _markdown(blocks):
+    lines = []
+    for kind, *content in blocks:
+        if kind == "h1":
+            lines += [f"# {content[0]}", ""]
+        elif kind == "h2":
+            lines += [f"## {content[0]}", ""]
+        elif kind == "p":
+            lines += [content[0], ""]
+        elif kind == "table":
+            headers, rows = content
+            lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+            lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+            lines.append("")
+        elif kind == "img":
+            lines += [f"![{content[1]}]({content[0]})", ""]
+    return "\n".join(lines)
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1250px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.85em; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.2em 0.6em; text-align: right; }
+th { background: #f3f3f3; } td:first-child, td:nth-child(2), th:first-child { text-align: left; }
+img { max-width: 100%; display: block; margin: 0.5em 0 1.5em; }
+code { background: #f3f3f3; padding: 0 0.2em; }
+"""
+
+
+def _html(blocks, out_dir):
+    def text(value):  # `code` spans, as in the Markdown
+        parts = html.escape(value).split("`")
+        return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+    body = []
+    for kind, *content in blocks:
+        if kind in ("h1", "h2", "p"):
+            body.append(f"<{kind}>{text(content[0])}</{kind}>")
+        elif kind == "table":
+            headers, rows = content
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+            cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+                            for row in rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+        elif kind == "img":
+            data = base64.b64encode((out_dir / content[0]).read_bytes()).decode("ascii")
+            body.append(f'<img alt="{html.escape(content[1])}" src="data:image/png;base64,{data}">')
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>fastconv report</title>"
+            f"<style>{_STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def write(results, out_dir):
+    """Write report.html, report.md, the PNG plots and results.json into out_dir; returns report.html."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    blocks = _blocks(results, _plots(results, out_dir))
+    (out_dir / "report.md").write_text(_markdown(blocks))
+    (out_dir / "report.html").write_text(_html(blocks, out_dir))
+    return out_dir / "report.html"
+
+
+def summary(results):
+    """The geometric means as text, for the terminal."""
+    return _markdown([("table", *_geomean_table(results))])
+
+
+def run(out_dir="fastconv-report", quick=False, threads=None, with_torch=True, progress=True,
+        command="fastconv report"):
+    """Measure the suite (or its quick subset) and write the report; returns the path of report.html."""
+    convs, pools = suite.cases(quick)
+    results = collect(convs, pools, threads or fastconv.get_num_threads(), budget=0.15 if quick else 0.4,
+                      min_repeats=3 if quick else 5, with_torch=with_torch, progress=progress, command=command)
+    path = write(results, out_dir)
+    print(summary(results))
+    print(f"report written to {path} ({results['meta']['seconds']:.0f} s)")
+    return path

@@ -1,0 +1,59 @@
+"""Side-by-side speed of every available backend and PyTorch (when installed) on the benchmark suite
+(fastconv.suite), float32, with the same thread count on every side. Run, with freed buffers reused:
+
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \\
+    pytest -m perf tests/perf/test_compare.py --benchmark-enable --benchmark-group-by=param:shape
+
+(-k "forward and 3x3" and the like pick a part.) `fastconv report` measures the same cases with GFLOP/s,
+ceilings and errors; this is the quick look from pytest."""
+import functools
+import importlib.util
+
+import numpy as np
+import pytest
+
+import fastconv
+from fastconv import dispatch, suite
+
+pytestmark = pytest.mark.perf
+
+SIDES = list(fastconv.available_backends()) + (["torch"] if importlib.util.find_spec("torch") else [])
+CASES = [(case.name, op) for case in suite.CONVS + suite.POOLS for op in case.ops]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_threads():
+    """PyTorch on fastconv's thread count, restored afterwards."""
+    if "torch" not in SIDES:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(fastconv.get_num_threads())
+    yield
+    torch.set_num_threads(previous)
+
+
+@functools.lru_cache(maxsize=2)  # cases run in order: keep the current one's arrays, not the whole suite's
+def inputs(shape):
+    return suite.make_inputs(suite.by_name(shape), np.float32)
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("shape, op", CASES)
+def test_compare(benchmark, shape, op, side):
+    case = suite.by_name(shape)
+    if side == "torch":
+        call = suite.torch_call(case, op, inputs(shape))
+    else:
+        if side == "naive" and not case.naive_feasible():
+            pytest.skip(f"naive runs only under {suite.NAIVE_MAX_FLOPS:.0e} FLOPs")
+        reason = dispatch.load(side).supports(
+            op, case.params.input_shape if op == "max_pool2d_backward" else case.params, np.dtype(np.float32))
+        if reason is not None:
+            pytest.skip(reason)
+        call = suite.fastconv_call(case, op, inputs(shape), side)
+    benchmark.group = f"{shape} {op}"  # the default grouping; --benchmark-group-by=param:shape overrides it
+    benchmark.extra_info["gflops"] = case.flops / 1e9 if isinstance(case, suite.Conv) else None
+    benchmark.pedantic(call, rounds=5, iterations=1, warmup_rounds=1)  # warm-up: JIT compilation, caches

@@ -1,0 +1,80 @@
+"""`fastconv report`'s machinery on a tiny suite: every available backend (and PyTorch) measured, the
+folder written with its tables, plots and raw numbers. No timing is asserted."""
+import json
+
+import numpy as np
+import pytest
+
+import fastconv
+from fastconv import _measure, report, suite
+
+TINY_CONVS = (suite.Conv((2, 3, 8, 8), 4, 3, padding=1), suite.Conv((3, 2, 9, 7), 5, 2, stride=2))
+TINY_POOLS = (suite.Pool((2, 3, 8, 8), 2, 2), suite.Pool((1, 2, 9, 9), 3, 2, padding=1))
+
+
+@pytest.fixture(scope="module")
+def results():
+    with pytest.MonkeyPatch.context() as patch:  # the ceilings' full-size runs take seconds: tested below
+        patch.setattr(report, "gemm_rate", lambda threads, budget: 100.0)
+        patch.setattr(report, "copy_bandwidth", lambda threads, budget: 10.0)
+        return report.collect(TINY_CONVS, TINY_POOLS, threads=1, budget=0.001, min_repeats=1, progress=False)
+
+
+def test_ceilings_and_timer():
+    assert _measure.gemm_rate(1, size=64, budget=0.001) > 0
+    assert _measure.copy_bandwidth(2, megabytes=1, budget=0.001) > 0
+    timing, result = _measure.time_call(lambda: 7, budget=0.001, min_repeats=3)
+    assert result == 7 and timing.repeats >= 3 and 0 <= timing.best <= timing.median
+
+
+def test_every_side_measures_every_case(results):
+    sides = list(fastconv.available_backends())
+    assert results["sides"][:len(sides)] == sides
+    for case in TINY_CONVS + TINY_POOLS:
+        for op in case.ops:
+            for side in results["sides"]:
+                (row,) = [r for r in results["rows"] if (r["case"], r["op"], r["backend"]) == (case.name, op, side)]
+                if side == "naive" and not case.naive_feasible():
+                    assert row["status"] == "skipped"
+                    continue
+                assert row["status"] in ("ok", "skipped"), row
+                if row["status"] == "ok":
+                    assert row["median_s"] > 0 and row["repeats"] >= 1
+                    assert row["error"] <= 1e-5, row
+                    assert row.get("indices_equal", True), row
+
+
+def test_report_folder(results, tmp_path):
+    path = report.write(results, tmp_path)
+    assert path == tmp_path / "report.html"
+    page = path.read_text()
+    assert page.count("data:image/png;base64,") == len(suite.CONV_OPS + suite.POOL_OPS) + 1  # + roofline
+    assert "Geometric means" in page and "Machine" in page
+    markdown = (tmp_path / "report.md").read_text()
+    for name in [f"{op}.png" for op in suite.CONV_OPS + suite.POOL_OPS] + ["roofline.png"]:
+        assert f"]({name})" in markdown
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == json.loads(json.dumps(results["rows"]))
+    assert "|" in report.summary(results)
+
+
+def test_reference_inputs_match_every_pooling_backend():
+    case = TINY_POOLS[1]
+    inputs = suite.make_inputs(case, np.float64)
+    for backend in fastconv.available_backends():
+        _, indices = suite.fastconv_call(case, "max_pool2d_forward", inputs, backend)()
+        assert np.array_equal(indices, inputs["indices"]), backend
+
+
+def test_restarts_itself_with_reused_buffers(monkeypatch):
+    calls = []
+    monkeypatch.setattr(report.os, "execve", lambda *args: calls.append(args))
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.pthread.rseq=0")
+    report.reexec_with_reused_buffers(["report", "--quick"])
+    (executable, argv, env), = calls
+    assert argv[1:] == ["-m", "fastconv", "report", "--quick"]
+    assert env["GLIBC_TUNABLES"] == "glibc.pthread.rseq=0:" + report.REUSED_BUFFERS
+
+    monkeypatch.setenv("GLIBC_TUNABLES", report.REUSED_BUFFERS)
+    report.reexec_with_reused_buffers(["report"])
+    assert len(calls) == 1  # already set: no restart
