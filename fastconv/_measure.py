@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .threads import apply_to_blas
+from .threads import blas_threads
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,8 @@ def gemm_rate(threads, size=2048, budget=0.3):
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
     out = np.empty_like(a)
-    apply_to_blas(threads)
-    timing, _ = time_call(lambda: np.matmul(a, b, out=out), budget)
+    with blas_threads(threads):
+        timing, _ = time_call(lambda: np.matmul(a, b, out=out), budget)
     return 2 * size**3 / timing.best / 1e9
 
 

@@ -163,3 +163,4 @@ def backend_for(op, params, dtype, backend=None):
 register_backend("naive", "fastconv.backends.naive")
 register_backend("im2col", "fastconv.backends.im2col")
 register_backend("numba", "fastconv.backends.numba", requires=("numba",))
+register_backend("cython", "fastconv.backends.cython")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 
 
@@ -63,19 +64,20 @@ def threads(n: int):
         _scoped.n = previous
 
 
-_blas = {"controller": None, "applied": None, "libraries": None}
+_blas = {"libraries": None, "modules": 0}
 _blas_lock = threading.Lock()
 
 
 def _blas_libraries():
     """threadpoolctl's controllers of every BLAS loaded in the process (NumPy and SciPy ship separate
-    OpenBLAS copies), found once: creating a ThreadpoolController costs more than a small convolution."""
-    if _blas["libraries"] is None:
+    OpenBLAS copies). Scanning the process costs more than a small convolution, so it is redone only when
+    modules were imported since (one of them may have loaded another BLAS)."""
+    if _blas["modules"] != len(sys.modules):
         with _blas_lock:
-            if _blas["libraries"] is None:
-                from threadpoolctl import ThreadpoolController
+            from threadpoolctl import ThreadpoolController
 
-                _blas["libraries"] = ThreadpoolController().select(user_api="blas").lib_controllers
+            _blas["libraries"] = ThreadpoolController().select(user_api="blas").lib_controllers
+            _blas["modules"] = len(sys.modules)
     return _blas["libraries"]
 
 
@@ -92,18 +94,3 @@ def blas_threads(n: int):
     finally:
         for lib, count in zip(libraries, previous):
             lib.set_num_threads(count)
-
-
-def apply_to_blas(n: int) -> None:
-    """Limit every BLAS library loaded in the process to n threads. The threadpoolctl controller is
-    made once and limits are re-applied only when n changes: creating one per call costs more than a
-    small convolution."""
-    if _blas["applied"] == n:
-        return
-    with _blas_lock:
-        if _blas["controller"] is None:
-            from threadpoolctl import ThreadpoolController
-
-            _blas["controller"] = ThreadpoolController()
-        _blas["controller"].limit(limits=n, user_api="blas")
-        _blas["applied"] = n

@@ -3,7 +3,7 @@ import pytest
 import fastconv
 
 # Backends that must load on the project's machines: a failure to load is a test failure, not a skip.
-EXPECTED_BACKENDS = ("naive", "im2col", "numba")
+EXPECTED_BACKENDS = ("naive", "im2col", "numba", "cython")
 
 BACKENDS = fastconv.available_backends()
 

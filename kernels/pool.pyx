@@ -1,0 +1,138 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Max-pooling kernels, parallel over the N*C planes: each plane belongs to one thread, so the backward
+scatter needs no atomics and adds each plane's gradients in a fixed order."""
+import numpy as np
+
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.stdint cimport int64_t
+from libc.string cimport memset
+
+
+cdef enum:
+    TILE = 64
+
+
+cdef struct Pool:
+    int height, width, out_h, out_w, kernel_h, kernel_w
+    int stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w
+
+
+cdef inline int ceil_div(int a, int b) noexcept nogil:
+    return (a + b - 1) // b  # a >= 0
+
+
+cdef inline void window_taps(int start, int size, int kernel, int dilation, int* low, int* high) noexcept nogil:
+    """Taps [low, high) of a window starting at `start` (< size, by the output-size rule) inside [0, size)."""
+    if start >= 0 and start + (kernel - 1) * dilation < size:  # inside: no division
+        low[0], high[0] = 0, kernel
+        return
+    low[0] = 0 if start >= 0 else (-start + dilation - 1) // dilation
+    high[0] = min(kernel, (size - start + dilation - 1) // dilation)
+
+
+cdef inline void pool_window(const floating* x, const Pool* q, int h0, int kh_low, int kh_high, int ow,
+                             floating* y, int64_t* indices) noexcept nogil:
+    """One window, PyTorch's rule: scan the in-bounds taps row-major; a tap wins if greater or NaN."""
+    cdef int w0 = ow * q.stride_w - q.pad_w, kh, kw, kw_low, kw_high
+    cdef int64_t best_index, index
+    cdef floating best, value
+    window_taps(w0, q.width, q.kernel_w, q.dilation_w, &kw_low, &kw_high)
+    best_index = <int64_t>(h0 + kh_low * q.dilation_h) * q.width + w0 + kw_low * q.dilation_w
+    best = x[best_index]
+    for kh in range(kh_low, kh_high):
+        for kw in range(kw_low, kw_high):
+            index = <int64_t>(h0 + kh * q.dilation_h) * q.width + w0 + kw * q.dilation_w
+            value = x[index]
+            if value > best or value != value:
+                best, best_index = value, index
+    y[ow], indices[ow] = best, best_index
+
+
+cdef void pool_plane(const floating* x, const Pool* q, floating* y, int64_t* indices) noexcept nogil:
+    """Each output row: the windows whose columns all lie inside the input go tap by tap across the row
+    (in tiles, with selects instead of unpredictable branches, which the compiler vectorizes); the edge windows one
+    by one."""
+    cdef int oh, ow, h0, kh, kw, kh_low, kh_high
+    cdef int inner_low = min(q.out_w, ceil_div(q.pad_w, q.stride_w))
+    cdef int last_start = q.width - 1 - (q.kernel_w - 1) * q.dilation_w + q.pad_w  # of an inner window, padded
+    cdef int inner_high = inner_low if last_start < 0 else max(inner_low, min(q.out_w, last_start // q.stride_w + 1))
+    cdef bint wins
+    # A tile of windows in local arrays (one tap's values gathered contiguously; 32-bit indices, as wide as
+    # float32 values): the compiler vectorizes the selects.
+    cdef floating tile_value[TILE]
+    cdef floating tile_best[TILE]
+    cdef int tile_index[TILE]
+    cdef int tile, tile_size, base, first_tap
+    for oh in range(q.out_h):
+        h0 = oh * q.stride_h - q.pad_h
+        window_taps(h0, q.height, q.kernel_h, q.dilation_h, &kh_low, &kh_high)
+        for ow in range(inner_low):
+            pool_window(x, q, h0, kh_low, kh_high, ow, y, indices)
+        for ow in range(inner_high, q.out_w):
+            pool_window(x, q, h0, kh_low, kh_high, ow, y, indices)
+        tile = inner_low
+        while tile < inner_high:
+            tile_size = min(TILE, inner_high - tile)
+            first_tap = 1
+            for kh in range(kh_low, kh_high):
+                for kw in range(q.kernel_w):
+                    base = (h0 + kh * q.dilation_h) * q.width - q.pad_w + kw * q.dilation_w + tile * q.stride_w
+                    for ow in range(tile_size):
+                        tile_value[ow] = x[base + ow * q.stride_w]
+                    for ow in range(tile_size):
+                        wins = first_tap | (tile_value[ow] > tile_best[ow]) | (tile_value[ow] != tile_value[ow])
+                        tile_best[ow] = tile_value[ow] if wins else tile_best[ow]
+                        tile_index[ow] = base + ow * q.stride_w if wins else tile_index[ow]
+                    first_tap = 0
+            for ow in range(tile_size):
+                y[tile + ow], indices[tile + ow] = tile_best[ow], tile_index[ow]
+            tile += TILE
+        y += q.out_w
+        indices += q.out_w
+
+
+def max_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] y, int64_t[:, :, :, ::1] indices,
+                       p, int threads):
+    cdef Pool q
+    q.height, q.width, q.out_h, q.out_w = p.in_height, p.in_width, p.out_height, p.out_width
+    q.kernel_h, q.kernel_w = p.kernel_height, p.kernel_width
+    q.stride_h, q.stride_w = p.stride
+    q.pad_h, q.pad_w = p.padding
+    q.dilation_h, q.dilation_w = p.dilation
+    cdef Py_ssize_t planes = <Py_ssize_t>x.shape[0] * x.shape[1], k
+    cdef Py_ssize_t plane = <Py_ssize_t>q.height * q.width, out_plane = <Py_ssize_t>q.out_h * q.out_w
+    for k in prange(planes, nogil=True, schedule="static", num_threads=threads):
+        pool_plane(&x[0, 0, 0, 0] + k * plane, &q, &y[0, 0, 0, 0] + k * out_plane,
+                   &indices[0, 0, 0, 0] + k * out_plane)
+
+
+cdef Py_ssize_t scatter_plane(const floating* gy, const int64_t* indices, Py_ssize_t outputs, Py_ssize_t plane,
+                              floating* gx) noexcept nogil:
+    """gx = 0, then gx[indices[j]] += gy[j]; stops at the first index outside [0, plane) and returns its
+    position j (-1 if none), so nothing is ever written out of bounds."""
+    cdef Py_ssize_t j
+    cdef int64_t index
+    memset(gx, 0, plane * sizeof(floating))
+    for j in range(outputs):
+        index = indices[j]
+        if index < 0 or index >= plane:
+            return j
+        gx[index] += gy[j]
+    return -1
+
+
+def max_pool2d_backward(const floating[:, :, :, ::1] gy, const int64_t[:, :, :, ::1] indices,
+                        floating[:, :, :, ::1] gx, int threads):
+    """gx = the gradient of max-pooling; returns None, or an index found outside its plane (gx is then
+    incomplete, never written out of bounds)."""
+    cdef Py_ssize_t planes = <Py_ssize_t>gy.shape[0] * gy.shape[1], k
+    cdef Py_ssize_t plane = <Py_ssize_t>gx.shape[2] * gx.shape[3], outputs = <Py_ssize_t>gy.shape[2] * gy.shape[3]
+    cdef Py_ssize_t[::1] bad_position = np.empty(planes, np.intp)
+    for k in prange(planes, nogil=True, schedule="static", num_threads=threads):
+        bad_position[k] = scatter_plane(&gy[0, 0, 0, 0] + k * outputs, &indices[0, 0, 0, 0] + k * outputs,
+                                        outputs, plane, &gx[0, 0, 0, 0] + k * plane)
+    for k in range(planes):
+        if bad_position[k] >= 0:
+            return int(np.asarray(indices).reshape(planes, outputs)[k, bad_position[k]])
+    return None
