@@ -64,6 +64,18 @@ def threads(n: int):
         _scoped.n = previous
 
 
+# Below this much work (multiply-adds, or elements for pooling) a parallel region costs more than it saves:
+# waking a second thread takes microseconds, milliseconds when the other core is busy. OpenBLAS itself runs
+# GEMMs this small on one thread (its M*N*K threshold is the same 2**18).
+SERIAL_WORK = 1 << 18
+
+
+def threads_for(work: int) -> int:
+    """The threads a kernel should use for `work`: 1 for tiny problems, chosen by size only, so that the
+    path taken never depends on the thread setting; else get_num_threads()."""
+    return 1 if work < SERIAL_WORK else get_num_threads()
+
+
 _blas = {"libraries": None, "modules": 0}
 _blas_lock = threading.Lock()
 

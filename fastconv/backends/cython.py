@@ -10,7 +10,7 @@ BLAS is kept single-threaded inside the parallel regions: a convolution call lim
 import numpy as np
 
 from ..params import index_out_of_plane
-from ..threads import blas_threads, get_num_threads
+from ..threads import blas_threads, threads_for
 
 try:
     from . import _conv, _pool
@@ -30,37 +30,44 @@ def describe():
     return f"{openmp}, BLAS scipy.linalg.cython_blas"
 
 
+def _convolve(kernel, p, *arrays):
+    """Run a convolution kernel, with BLAS single-threaded inside its parallel region."""
+    threads = threads_for(p.flops // 2)
+    if threads == 1:  # no parallel region, and GEMMs below OpenBLAS's own threading threshold
+        kernel(*arrays, p, 1)
+        return
+    with blas_threads(1):
+        kernel(*arrays, p, threads)
+
+
 def conv2d_forward(x, w, b, p):
     y = np.empty(p.output_shape, x.dtype)
-    with blas_threads(1):
-        _conv.forward(x, w, b, y, p, get_num_threads())
+    _convolve(_conv.forward, p, x, w, b, y)
     return y
 
 
 def conv2d_backward_input(gy, w, p):
     gx = np.empty(p.input_shape, gy.dtype)
-    with blas_threads(1):
-        _conv.backward_input(gy, w, gx, p, get_num_threads())
+    _convolve(_conv.backward_input, p, gy, w, gx)
     return gx
 
 
 def conv2d_backward_weight(gy, x, p):
     gw = np.empty(p.weight_shape, gy.dtype)
-    with blas_threads(1):
-        _conv.backward_weight(gy, x, gw, p, get_num_threads())
+    _convolve(_conv.backward_weight, p, gy, x, gw)
     return gw
 
 
 def max_pool2d_forward(x, p):
     y = np.empty(p.output_shape, x.dtype)
     indices = np.empty(p.output_shape, np.int64)
-    _pool.max_pool2d_forward(x, y, indices, p, get_num_threads())
+    _pool.max_pool2d_forward(x, y, indices, p, threads_for(x.size))
     return y, indices
 
 
 def max_pool2d_backward(gy, indices, input_shape):
     gx = np.empty(input_shape, gy.dtype)
-    bad_index = _pool.max_pool2d_backward(gy, indices, gx, get_num_threads())
+    bad_index = _pool.max_pool2d_backward(gy, indices, gx, threads_for(gx.size))
     if bad_index is not None:
         raise index_out_of_plane(bad_index, input_shape)
     return gx

@@ -18,6 +18,7 @@ single-threaded BLAS: one thread's unfolding overlaps the other's GEMM, and a GE
 efficient than one GEMM split over the cores at these shapes. Weight-gradient partials are added in unit
 order, so results do not depend on the thread count.
 """
+import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..params import index_out_of_plane
-from ..threads import blas_threads, get_num_threads
+from ..threads import SERIAL_WORK, blas_threads, get_num_threads, threads_for
 
 _workspace = {"limit": int(os.environ.get("FASTCONV_IM2COL_WORKSPACE_BYTES", 16 << 20))}
 _executor = {"pool": None}
@@ -73,12 +74,20 @@ def _group_matrices(a, groups, columns):
     return a.reshape(groups, -1, columns)
 
 
+def _blas_limit(p, n):
+    """BLAS limited to n threads for a serial unit loop or a pointwise GEMM; tiny problems leave BLAS alone
+    (OpenBLAS runs GEMMs that small on one thread anyway, and the limit costs microseconds)."""
+    return blas_threads(n) if p.flops // 2 >= SERIAL_WORK else contextlib.nullcontext()
+
+
 def _plan(p, itemsize, workers):
     """Units of work, (image slice, output-row slice), grouped by image when they are row bands (bands of
     one image add into overlapping rows of its input gradient, so one worker takes them in turn)."""
     row_width = p.padded_width if p.stride == (1, 1) else p.out_width
     per_row = p.in_channels * p.kernel_height * p.kernel_width * row_width * itemsize
     rows_fit = max(1, _workspace["limit"] // workers // per_row)
+    if p.batch < workers:  # bands of rows, so that every worker gets a unit
+        rows_fit = min(rows_fit, -(-p.out_height // workers))
     if rows_fit < p.out_height:
         return [[(slice(n, n + 1), slice(r, min(r + rows_fit, p.out_height)))
                  for r in range(0, p.out_height, rows_fit)] for n in range(p.batch)]
@@ -89,7 +98,7 @@ def _plan(p, itemsize, workers):
 def _for_each_unit(p, dtype, work):
     """work(unfolding, index, unit) for every unit, in parallel over groups of units; each worker thread
     owns one _Unfolding (its workspace). Units are numbered in order; claimed in order."""
-    workers = get_num_threads()
+    workers = threads_for(p.flops // 2)
     groups = _plan(p, np.dtype(dtype).itemsize, workers)
     numbered, index = [], 0
     for group in groups:
@@ -98,7 +107,7 @@ def _for_each_unit(p, dtype, work):
     largest = max((u for g in groups for u in g), key=lambda u: (u[0].stop - u[0].start) * (u[1].stop - u[1].start))
     if workers == 1 or len(groups) == 1:
         unfolding = _Unfolding(p, dtype, largest)
-        with blas_threads(workers):
+        with _blas_limit(p, get_num_threads()):
             for group in numbered:
                 for index, unit in group:
                     work(unfolding, index, unit)
@@ -237,7 +246,7 @@ def conv2d_forward(x, w, b, p):
     wg = _group_matrices(w, p.groups, w[0].size)
     if _is_pointwise(p):
         xg, yg = _pointwise_matrices(x, p, p.in_channels), _pointwise_matrices(y, p, p.out_channels)
-        with blas_threads(get_num_threads()):
+        with _blas_limit(p, get_num_threads()):
             np.matmul(wg, xg, out=yg)
         if b is not None:
             y += b[:, None, None]
@@ -272,7 +281,7 @@ def conv2d_backward_weight(gy, x, p):
     if _is_pointwise(p):
         xg, gyg = _pointwise_matrices(x, p, p.in_channels), _pointwise_matrices(gy, p, p.out_channels)
         gwg = _group_matrices(gw, p.groups, gw[0].size)
-        with blas_threads(get_num_threads()):
+        with _blas_limit(p, get_num_threads()):
             for n in range(p.batch):  # one partial per image, added in image order
                 gwg += gyg[n] @ xg[n].transpose(0, 2, 1)
         return gw
@@ -305,7 +314,7 @@ def conv2d_backward_input(gy, w, p):
     if _is_pointwise(p):
         gx = np.empty(p.input_shape, gy.dtype)
         gyg, gxg = _pointwise_matrices(gy, p, p.out_channels), _pointwise_matrices(gx, p, p.in_channels)
-        with blas_threads(get_num_threads()):
+        with _blas_limit(p, get_num_threads()):
             np.matmul(wg.transpose(0, 2, 1), gyg, out=gxg)
         return gx
     gx = np.zeros(p.input_shape, gy.dtype)
