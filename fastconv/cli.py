@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 import fastconv
-from fastconv import dispatch
+from fastconv import dispatch, train
 
 
 def info(args):
@@ -74,6 +74,7 @@ def main(argv=None):
     report_parser.add_argument("--default-allocator", action="store_true",
                                help="do not restart with freed buffers reused (GLIBC_TUNABLES malloc thresholds)")
     report_parser.set_defaults(run=report)
+    train.add_parser(commands)
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # to restart the same command
     args.run(args)

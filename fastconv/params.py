@@ -7,6 +7,7 @@ The seed's output size O = 1 + (N - F + 2P) / S is generalized here to dilation 
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from dataclasses import dataclass, replace
 
@@ -96,7 +97,7 @@ class ConvParams:
     def flops(self):
         """2 * N * Cout * Hout * Wout * (Cin / groups) * KH * KW: one multiply and one add per term."""
         terms_per_output = (self.in_channels // self.groups) * self.kernel_height * self.kernel_width
-        return 2 * int(np.prod(self.output_shape)) * terms_per_output
+        return 2 * math.prod(self.output_shape) * terms_per_output
 
     def input_gradient_as_forward(self):
         """For stride 1, the input gradient is a forward convolution of grad_output with the weight flipped
@@ -114,8 +115,7 @@ class ConvParams:
 
     def bytes_moved(self, itemsize):
         """Bytes of input, weight and output, each touched once: the minimum traffic of a forward pass."""
-        elements = (np.prod(self.input_shape) + np.prod(self.weight_shape) + np.prod(self.output_shape))
-        return int(elements) * itemsize
+        return (math.prod(self.input_shape) + math.prod(self.weight_shape) + math.prod(self.output_shape)) * itemsize
 
 
 @functools.lru_cache(maxsize=4096)
@@ -196,8 +196,8 @@ class PoolParams:
 
     def bytes_moved(self, itemsize, with_indices=True):
         """Bytes of input and output read or written once, int64 indices included."""
-        out = int(np.prod(self.output_shape))
-        return int(np.prod(self.input_shape)) * itemsize + out * (itemsize + (8 if with_indices else 0))
+        out = math.prod(self.output_shape)
+        return math.prod(self.input_shape) * itemsize + out * (itemsize + (8 if with_indices else 0))
 
 
 def _pool_output_size(size, kernel, pad, stride, dilation, ceil_mode):
