@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 
 import numpy as np
 
@@ -32,25 +31,6 @@ def info(args):
               f"({pool['num_threads']} threads) {pool['filepath']}")
 
 
-def demo(args):
-    """A forward and backward pass through each available backend, checked against the naive oracle."""
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((8, 16, 32, 32)).astype(np.float32)
-    w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
-    p = fastconv.params.conv_params(x.shape, w.shape, 1, 1, 1, 1)
-    reference = fastconv.conv2d(x.astype(np.float64), w.astype(np.float64), padding=1, backend="naive")
-    print(f"conv2d {x.shape} * {w.shape}, padding 1, float32, {fastconv.get_num_threads()} threads")
-    for name in fastconv.available_backends():
-        fastconv.conv2d(x, w, padding=1, backend=name)  # warm-up (JIT, caches)
-        start = time.perf_counter()
-        y = fastconv.conv2d(x, w, padding=1, backend=name)
-        seconds = time.perf_counter() - start
-        error = np.linalg.norm(y - reference) / np.linalg.norm(reference)
-        print(f"  {name:8s} {seconds * 1e3:9.2f} ms  {p.flops / seconds / 1e9:8.2f} GFLOP/s  rel. error {error:.1e}")
-    y, idx = fastconv.max_pool2d(reference, 2, return_indices=True)
-    print(f"max_pool2d 2x2 -> {y.shape}; backward -> {fastconv.max_pool2d_backward(y, idx, reference.shape).shape}")
-
-
 def report(args):
     """Time every available backend and PyTorch over the benchmark suite; write an HTML/Markdown report."""
     from fastconv import report
@@ -65,7 +45,6 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastconv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help=info.__doc__).set_defaults(run=info)
-    commands.add_parser("demo", help=demo.__doc__).set_defaults(run=demo)
     report_parser = commands.add_parser("report", help=report.__doc__, description=report.__doc__)
     report_parser.add_argument("--quick", action="store_true", help="a few cases of the suite (about a minute)")
     report_parser.add_argument("--out", default="fastconv-report", help="report folder (default: %(default)s)")
