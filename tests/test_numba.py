@@ -100,3 +100,18 @@ def test_importing_the_backend_compiles_nothing():
             "assert all(not f.signatures for f in (k.correlate, k.build_source, k.weight_partials, "
             "k.max_pool_forward, k.max_pool_backward))")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_weight_gradient_with_an_inf_matches_the_oracle_elsewhere():
+    """A non-finite input takes the exact (real columns only) weight-gradient path: the finite entries still
+    match, and the inf reaches only the weights whose sums include it."""
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((3, 4, 9, 11)), rng.standard_normal((6, 4, 3, 3))
+    x[1, 2, 8, 10] = np.inf
+    gy = rng.standard_normal((3, 6, 9, 11))
+    mask = (False, True, False)
+    _, gw, _ = fastconv.conv2d_backward(gy, x, w, padding=1, output_mask=mask, backend="numba")
+    _, ref, _ = fastconv.conv2d_backward(gy, x, w, padding=1, output_mask=mask, backend="naive")
+    np.testing.assert_array_equal(np.isfinite(gw), np.isfinite(ref))
+    finite = np.isfinite(ref)
+    assert rel_err(gw[finite], ref[finite]) <= 1e-12

@@ -10,7 +10,8 @@ The source is the padded input (forward, weight gradient) or the zero-upsampled,
 (v % sh, u % sw) at (v // sh, u // sw). A tap (kh, kw) then reads one sub-image shifted by
 (kh*dh // sh, kw*dw // sw) for every stride and dilation, and consecutive output columns are consecutive
 elements. Each output row is computed `row` wide (the sub-image width): the few extra columns read the next
-row and are discarded. The contiguous t loop is what LLVM vectorizes; a block of output channels times a
+row and are discarded. Small planes put several images side by side in each source row (`fold`), so the
+runs stay long. The contiguous t loop is what LLVM vectorizes; a block of output channels times a
 block of taps is kept in registers (weights as scalars hoisted out of the loop).
 
 Padded taps (k beyond the real ones, to fill a block) point at a zero tail of each source image and have
@@ -23,7 +24,7 @@ from numba import njit, prange
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 TAPS_FORWARD = 4  # taps per block in the forward/input-gradient kernel
 TAPS_WEIGHT = 3  # taps per block in the weight-gradient kernel
-ROWS_PER_TILE = 1024  # output elements (rounded to whole rows) accumulated at once: 8 rows stay in L1
+ROWS_PER_TILE = 2048  # output elements (whole rows) accumulated at once; small planes fold images to fill it
 WEIGHT_CHUNK = 4  # images per weight-gradient partial sum: fixed, so results do not depend on threads
 
 jit = njit(parallel=True, nogil=True, fastmath=FASTMATH, cache=True)
@@ -31,32 +32,41 @@ inline_jit = njit(nogil=True, fastmath=FASTMATH, cache=True)
 
 
 @jit
-def build_source(a, source, up_h, up_w, pad_top, pad_left, sh, sw, sub_h, sub_w):
-    """source[n] <- a[n] (N, C, H, W), upsampled by (up_h, up_w), shifted by the (possibly negative)
-    padding, split into sh*sw stride phases of sub_h x sub_w each, zeros elsewhere; then a zero tail."""
+def build_source(a, source, up_h, up_w, pad_top, pad_left, sh, sw, sub_h, sub_w, fold):
+    """source[m] <- images m*fold .. m*fold + fold-1 of a (N, C, H, W), side by side (segment b of each
+    sub-image row holds image m*fold + b): each upsampled by (up_h, up_w), shifted by the (possibly
+    negative) padding, split into sh*sw stride phases of sub_h x sub_w each, zeros elsewhere; then a zero
+    tail. Returns the number of non-finite values in the source."""
     n_img, channels, height, width = a.shape
-    sub = sub_h * sub_w
+    wide = fold * sub_w
+    sub = sub_h * wide
     per_channel = sh * sw * sub
-    for item in prange(n_img * channels):
-        n, c = item // channels, item % channels
-        block = source[n, c * per_channel:(c + 1) * per_channel]
+    non_finite = 0
+    for item in prange(source.shape[0] * channels):
+        m, c = item // channels, item % channels
+        block = source[m, c * per_channel:(c + 1) * per_channel]
         block[:] = 0
-        for h in range(height):
-            v = h * up_h + pad_top
-            if v < 0 or v >= sub_h * sh:
-                continue
-            row = block[(v % sh) * sw * sub + (v // sh) * sub_w:]
-            if up_w == 1 and sw == 1:
-                lo, hi = max(0, -pad_left), min(width, sub_w - pad_left)
-                if lo < hi:
-                    row[lo + pad_left:hi + pad_left] = a[n, c, h, lo:hi]
-            else:
-                for w in range(width):
-                    u = w * up_w + pad_left
-                    if 0 <= u < sub_w * sw:
-                        row[(u % sw) * sub + u // sw] = a[n, c, h, w]
-    for n in range(n_img):
-        source[n, channels * per_channel:] = 0
+        for n in range(m * fold, min(n_img, (m + 1) * fold)):
+            segment = (n - m * fold) * sub_w
+            for h in range(height):
+                v = h * up_h + pad_top
+                if v < 0 or v >= sub_h * sh:
+                    continue
+                row = block[(v % sh) * sw * sub + (v // sh) * wide + segment:]
+                if up_w == 1 and sw == 1:
+                    lo, hi = max(0, -pad_left), min(width, sub_w - pad_left)
+                    if lo < hi:
+                        row[lo + pad_left:hi + pad_left] = a[n, c, h, lo:hi]
+                else:
+                    for w in range(width):
+                        u = w * up_w + pad_left
+                        if 0 <= u < sub_w * sw:
+                            row[(u % sw) * sub + u // sw] = a[n, c, h, w]
+        for value in block:
+            non_finite += not np.isfinite(value)
+    for m in range(source.shape[0]):
+        source[m, channels * per_channel:] = 0
+    return non_finite
 
 
 @inline_jit
@@ -109,28 +119,31 @@ def _block4(acc, img, offsets, weights, co, k, n):
 
 
 @jit
-def correlate(source, weights, offsets, bias, out, row):
-    """out[n, g*Cg + co, oh, ow] = bias[..] + sum_k weights[g, co, k] * source[n, offsets[g, k] + oh*row + ow].
+def correlate(source, weights, offsets, bias, out, row, fold):
+    """out[m*fold + b, g*Cg + co, oh, ow] = bias[..] + sum_k weights[g, co, k] *
+    source[m, offsets[g, k] + oh*row + b*(row // fold) + ow]: `fold` images side by side in each source row.
 
     weights (G, Cg rounded up to 4, K rounded up to 4) and offsets (G, K rounded up) come packed from the
-    wrapper. Work items are (image, group, block of 8 output channels (4 for a group's last one), tile of
-    output rows): both cores stay busy at batch 1, and each output is written by one item, so the thread
+    wrapper. Work items are (source image, group, block of 8 output channels (4 for a group's last one), tile
+    of output rows): both cores stay busy at batch 1, and each output is written by one item, so the thread
     count never matters."""
     n_img, out_channels, out_h, out_w = out.shape
     groups, rows_padded, taps = weights.shape
     per_group = out_channels // groups
+    segment = row // fold
     blocks = rows_padded // 8 + (rows_padded % 8) // 4
-    tile_rows = max(1, ROWS_PER_TILE // row)
+    tiles = -(-out_h * row // ROWS_PER_TILE)
+    tile_rows = -(-out_h // tiles)  # tiles of equal height: balanced work items
     tiles = -(-out_h // tile_rows)
-    for item in prange(n_img * groups * blocks * tiles):
-        n, rest = item // (groups * blocks * tiles), item % (groups * blocks * tiles)
+    for item in prange(source.shape[0] * groups * blocks * tiles):
+        m, rest = item // (groups * blocks * tiles), item % (groups * blocks * tiles)
         g, block, tile = rest // (blocks * tiles), (rest // tiles) % blocks, rest % tiles
         co0 = block * 8
         height = min(8, rows_padded - co0)
         oh0 = tile * tile_rows
         oh1 = min(out_h, oh0 + tile_rows)
         t0, t1 = oh0 * row, oh1 * row
-        img, w, offs = source[n, t0:], weights[g], offsets[g]
+        img, w, offs = source[m, t0:], weights[g], offsets[g]
         acc = np.zeros((height, t1 - t0), source.dtype)
         for k in range(0, taps, TAPS_FORWARD):
             if height == 8:
@@ -141,24 +154,29 @@ def correlate(source, weights, offsets, bias, out, row):
             co = co0 + r
             if co < per_group:
                 channel = g * per_group + co
-                for oh in range(oh0, oh1):
-                    start = (oh - oh0) * row
-                    out[n, channel, oh, :] = acc[r, start:start + out_w] + bias[channel]
+                for n in range(m * fold, min(n_img, (m + 1) * fold)):
+                    for oh in range(oh0, oh1):
+                        start = (oh - oh0) * row + (n - m * fold) * segment
+                        out[n, channel, oh, :] = acc[r, start:start + out_w] + bias[channel]
 
 
 @jit
-def spread_rows(a, out, row):
-    """out[n, g, co, oh*row + ow] = a[n, g, co, oh, ow]: the output gradient (N, G, Cg, H_out, W_out) laid
-    out with the source's row length, zeros in the extra columns and in the rows that pad Cg."""
-    n_img, groups, rows_padded, _ = out.shape
-    per_group, out_h, out_w = a.shape[2], a.shape[3], a.shape[4]
-    for item in prange(n_img * groups * rows_padded):
-        n, g, co = item // (groups * rows_padded), (item // rows_padded) % groups, item % rows_padded
-        dest = out[n, g, co]
+def spread_rows(a, out, row, fold):
+    """out[m, g, co, oh*row + b*(row // fold) + ow] = a[m*fold + b, g, co, oh, ow]: the output gradient
+    (N, G, Cg, H_out, W_out) laid out as the source (images side by side), zeros in the extra columns, in
+    the missing images of the last source image and in the rows that pad Cg."""
+    n_src, groups, rows_padded, _ = out.shape
+    n_img, per_group, out_h, out_w = a.shape[0], a.shape[2], a.shape[3], a.shape[4]
+    segment = row // fold
+    for item in prange(n_src * groups * rows_padded):
+        m, g, co = item // (groups * rows_padded), (item // rows_padded) % groups, item % rows_padded
+        dest = out[m, g, co]
         dest[:] = 0
         if co < per_group:
-            for oh in range(out_h):
-                dest[oh * row:oh * row + out_w] = a[n, g, co, oh]
+            for n in range(m * fold, min(n_img, (m + 1) * fold)):
+                for oh in range(out_h):
+                    start = oh * row + (n - m * fold) * segment
+                    dest[start:start + out_w] = a[n, g, co, oh]
 
 
 @inline_jit
@@ -185,16 +203,17 @@ def _dots4x3(g0, g1, g2, g3, x0, x1, x2):
 
 
 @jit
-def weight_partials(source, grad_rows, offsets, partials):
+def weight_partials(source, grad_rows, offsets, partials, runs, run_step, run_length):
     """partials[chunk, g, co, k] = sum over the chunk's images of sum_t grad_rows[n, g*Cg + co, t] *
-    source[n, offsets[g, k] + t], in float64.
+    source[n, offsets[g, k] + t], in float64, t over `runs` runs of run_length starting every run_step.
 
+    One run over all wide rows is fastest; one run per output row skips the extra columns, whose zero
+    gradient would turn an inf or NaN of the source into a NaN that does not belong (inf * 0).
     grad_rows (N, G, Cg rounded up to 4, T); partials (chunks, G, Cg rounded up to 4, K rounded up
     to 3). Each image's sum over t runs in the working dtype (vectorized, so many short partial sums), images
     are added in float64; the wrapper adds the chunks in order. Items: (chunk, group, block of 4 channels)."""
     n_img = source.shape[0]
     chunks, groups, rows_padded, taps = partials.shape
-    length = grad_rows.shape[3]
     blocks = rows_padded // 4
     for item in prange(chunks * groups * blocks):
         chunk, g, block = item // (groups * blocks), (item // blocks) % groups, item % blocks
@@ -202,46 +221,89 @@ def weight_partials(source, grad_rows, offsets, partials):
         part, offs = partials[chunk, g], offsets[g]
         part[co:co + 4, :] = 0
         for n in range(chunk * WEIGHT_CHUNK, min(n_img, (chunk + 1) * WEIGHT_CHUNK)):
-            img, gy = source[n], grad_rows[n, g, co:]
-            g0, g1, g2, g3 = gy[0], gy[1], gy[2], gy[3]
-            for k in range(0, taps, TAPS_WEIGHT):
-                s = _dots4x3(g0, g1, g2, g3, img[offs[k]:][:length], img[offs[k + 1]:][:length],
-                             img[offs[k + 2]:][:length])
-                for r in range(4):
-                    for j in range(3):
-                        part[co + r, k + j] += s[r * 3 + j]
+            for run in range(runs):
+                t0 = run * run_step
+                img, gy = source[n, t0:], grad_rows[n, g]
+                t1 = t0 + run_length  # each run sliced from a row: contiguous, so the dots vectorize
+                g0, g1, g2, g3 = gy[co, t0:t1], gy[co + 1, t0:t1], gy[co + 2, t0:t1], gy[co + 3, t0:t1]
+                for k in range(0, taps, TAPS_WEIGHT):
+                    s = _dots4x3(g0, g1, g2, g3, img[offs[k]:][:run_length], img[offs[k + 1]:][:run_length],
+                                 img[offs[k + 2]:][:run_length])
+                    for r in range(4):
+                        for j in range(3):
+                            part[co + r, k + j] += s[r * 3 + j]
+
+
+@inline_jit
+def _window(xp, width, r0, s0, i_lo, i_hi, kw, dh, dw):
+    """(best, flat index) of one window clipped to the input rows [i_lo, i_hi) of the kernel, by PyTorch's
+    rule: row-major over in-bounds cells, a cell wins if greater than the best or NaN, the first one starts."""
+    j_lo = max(0, (-s0 + dw - 1) // dw)
+    j_hi = min(kw, (width - s0 + dw - 1) // dw)
+    best_r, best_s = r0 + i_lo * dh, s0 + j_lo * dw
+    best = xp[best_r, best_s]
+    for a in range(i_lo, i_hi):
+        r = r0 + a * dh
+        for b in range(j_lo, j_hi):
+            s = s0 + b * dw
+            value = xp[r, s]
+            take = (value > best) | np.isnan(value)  # selects, not branches: random data mispredicts
+            best = value if take else best
+            best_r = r if take else best_r
+            best_s = s if take else best_s
+    return best, best_r * width + best_s
+
+
+@njit(nogil=True, fastmath=FASTMATH, cache=True, inline="always")
+def _scan_window_row(y_run, index_run, x_run, index_base, first, kw, sw, dw):
+    """One window row of the windows j < y_run.size, all inside the input: cell b of window j is
+    x_run[j*sw + b*dw], at flat index index_base + j*sw + b*dw; `first` starts the windows with cell 0.
+    Indices only grow from 0 with the loop, so with constant kw, sw, dw the loads vectorize."""
+    for j in range(y_run.size):
+        best, best_at = y_run[j], index_run[j]
+        for b in range(kw):
+            at = j * sw + b * dw
+            value = x_run[at]
+            take = (first & (b == 0)) | (value > best) | np.isnan(value)
+            best = value if take else best
+            best_at = index_base + at if take else best_at
+        y_run[j], index_run[j] = best, best_at
 
 
 @jit
 def max_pool_forward(x, y, indices, kh, kw, sh, sw, ph, pw, dh, dw):
-    """PyTorch's rule over in-bounds cells, row-major: a cell wins if greater than the best or NaN; the first
-    in-bounds cell sets the start. Parallel over the N*C planes."""
+    """PyTorch's rule (see _window), parallel over the N*C planes. The windows inside the input columns
+    run window row by window row over a whole output row (vectorized); the few border ones one by one."""
     n_img, channels, height, width = x.shape
     out_h, out_w = y.shape[2], y.shape[3]
+    # Output columns whose windows lie inside the input columns: [inner_lo, inner_hi).
+    inner_lo = min(out_w, (pw + sw - 1) // sw)
+    inner_hi = max(inner_lo, min(out_w, (width - 1 - (kw - 1) * dw + pw) // sw + 1))
     for plane in prange(n_img * channels):
         n, c = plane // channels, plane % channels
         xp, yp, ip = x[n, c], y[n, c], indices[n, c]
+        x_flat = xp.reshape(height * width)
         for i in range(out_h):
             r0 = i * sh - ph
             i_lo = max(0, (-r0 + dh - 1) // dh)
             i_hi = min(kh, (height - r0 + dh - 1) // dh)
-            for j in range(out_w):
-                s0 = j * sw - pw
-                j_lo = max(0, (-s0 + dw - 1) // dw)
-                j_hi = min(kw, (width - s0 + dw - 1) // dw)
-                best_r, best_s = r0 + i_lo * dh, s0 + j_lo * dw
-                best = xp[best_r, best_s]
-                for a in range(i_lo, i_hi):
-                    r = r0 + a * dh
-                    for b in range(j_lo, j_hi):
-                        s = s0 + b * dw
-                        value = xp[r, s]
-                        take = (value > best) | np.isnan(value)  # selects, not branches: random data mispredicts
-                        best = value if take else best
-                        best_r = r if take else best_r
-                        best_s = s if take else best_s
-                yp[i, j] = best
-                ip[i, j] = best_r * width + best_s
+            for j in range(inner_lo):
+                yp[i, j], ip[i, j] = _window(xp, width, r0, j * sw - pw, i_lo, i_hi, kw, dh, dw)
+            for j in range(inner_hi, out_w):
+                yp[i, j], ip[i, j] = _window(xp, width, r0, j * sw - pw, i_lo, i_hi, kw, dh, dw)
+            y_run, index_run = yp[i, inner_lo:inner_hi], ip[i, inner_lo:inner_hi]
+            for a in range(i_lo, i_hi):
+                start = (r0 + a * dh) * width + inner_lo * sw - pw
+                x_run, first = x_flat[start:], a == i_lo
+                # Constant shapes for the common kernels let LLVM vectorize their strided loads.
+                if kw == 2 and sw == 2 and dw == 1:
+                    _scan_window_row(y_run, index_run, x_run, start, first, 2, 2, 1)
+                elif kw == 3 and sw == 2 and dw == 1:
+                    _scan_window_row(y_run, index_run, x_run, start, first, 3, 2, 1)
+                elif kw == 3 and sw == 1 and dw == 1:
+                    _scan_window_row(y_run, index_run, x_run, start, first, 3, 1, 1)
+                else:
+                    _scan_window_row(y_run, index_run, x_run, start, first, kw, sw, dw)
 
 
 @jit

@@ -41,14 +41,16 @@ def _round_up(n, multiple):
     return -(-n // multiple) * multiple
 
 
-def _source(a, up, pad, stride, sub_shape, tail):
+def _source(a, up, pad, stride, sub_shape, tail, fold=1):
     """a (N, C, H, W) upsampled by `up`, padded by `pad` (top, left; negative crops) and split into stride
-    phases of sub_shape each (see _numba_kernels), one flat image per n, plus a zero tail `tail` long."""
+    phases of sub_shape each (see _numba_kernels), `fold` images side by side per flat source image, plus a
+    zero tail `tail` long; and whether it is all finite."""
     n, c = a.shape[:2]
     sub_h, sub_w = sub_shape
-    source = np.empty((n, c * stride[0] * stride[1] * sub_h * sub_w + tail), a.dtype)
-    kernels.build_source(a, source, up[0], up[1], pad[0], pad[1], stride[0], stride[1], sub_h, sub_w)
-    return source
+    source = np.empty((-(-n // fold), c * stride[0] * stride[1] * sub_h * sub_w * fold + tail), a.dtype)
+    non_finite = kernels.build_source(a, source, up[0], up[1], pad[0], pad[1], stride[0], stride[1], sub_h, sub_w,
+                                      fold)
+    return source, non_finite == 0
 
 
 def _tap_offsets(groups, per_group, kernel, stride, dilation, sub_shape, taps_padded, tail_start):
@@ -73,15 +75,23 @@ def _packed_weights(w, groups, taps_multiple):
     return packed
 
 
+def _fold(batch, out_height, row):
+    """How many images to put side by side in each source row: enough for runs of about ROWS_PER_TILE."""
+    return max(1, min(batch, kernels.ROWS_PER_TILE // (out_height * row)))
+
+
 def _correlate(source_of, weights, groups, kernel, stride, dilation, sub_shape, bias, out):
-    """out = the stride-1 correlation of the source with the packed taps (see _numba_kernels.correlate)."""
+    """out = the stride-1 correlation of the source with the packed taps (see _numba_kernels.correlate).
+    Small planes put several images side by side in each source row: longer runs per weight block."""
     packed = _packed_weights(weights, groups, kernels.TAPS_FORWARD)
-    row = sub_shape[1]
+    fold = _fold(out.shape[0], out.shape[2], sub_shape[1])
+    wide_shape = (sub_shape[0], fold * sub_shape[1])
+    row = wide_shape[1]
     tail = out.shape[2] * row
-    source = source_of(tail)
-    offsets = _tap_offsets(groups, weights.shape[1], kernel, stride, dilation, sub_shape, packed.shape[2],
+    source, _ = source_of(tail, fold)
+    offsets = _tap_offsets(groups, weights.shape[1], kernel, stride, dilation, wide_shape, packed.shape[2],
                            source.shape[1] - tail)
-    kernels.correlate(source, packed, offsets, bias, out, row)
+    kernels.correlate(source, packed, offsets, bias, out, row, fold)
     return out
 
 
@@ -97,7 +107,7 @@ def conv2d_forward(x, w, b, p):
     top, _, left, _ = p.padding
     bias = np.zeros(p.out_channels, x.dtype) if b is None else b
     out = np.empty(p.output_shape, x.dtype)
-    return _correlate(lambda tail: _source(x, (1, 1), (top, left), p.stride, sub_shape, tail), w, p.groups,
+    return _correlate(lambda tail, fold: _source(x, (1, 1), (top, left), p.stride, sub_shape, tail, fold), w, p.groups,
                       (p.kernel_height, p.kernel_width), p.stride, p.dilation, sub_shape, bias, out)
 
 
@@ -113,7 +123,8 @@ def conv2d_backward_input(gy, w, p):
     flipped = (w[:, :, ::-1, ::-1].reshape(p.groups, per_group, w.shape[1], kh, kw).transpose(0, 2, 1, 3, 4)
                .reshape(p.in_channels, per_group, kh, kw))
     out = np.empty(p.input_shape, gy.dtype)
-    return _correlate(lambda tail: _source(gy, p.stride, (span_h - top, span_w - left), (1, 1), sub_shape, tail),
+    return _correlate(lambda tail, fold: _source(gy, p.stride, (span_h - top, span_w - left), (1, 1), sub_shape,
+                                                 tail, fold),
                       np.ascontiguousarray(flipped), p.groups, (kh, kw), (1, 1), p.dilation, sub_shape,
                       np.zeros(p.in_channels, gy.dtype), out)
 
@@ -122,19 +133,24 @@ def conv2d_backward_weight(gy, x, p):
     _use_threads(p.flops // 2)
     sub_shape = _forward_layout(p)
     top, _, left, _ = p.padding
-    row = sub_shape[1]
+    fold = _fold(p.batch, p.out_height, sub_shape[1])
+    wide_shape = (sub_shape[0], fold * sub_shape[1])
+    row = wide_shape[1]
     length = p.out_height * row
     per_group, channels_per_group = p.out_channels // p.groups, p.in_channels // p.groups
     taps = channels_per_group * p.kernel_height * p.kernel_width
     rows_padded, taps_padded = _round_up(per_group, 4), _round_up(taps, kernels.TAPS_WEIGHT)
-    source = _source(x, (1, 1), (top, left), p.stride, sub_shape, length)
+    source, finite = _source(x, (1, 1), (top, left), p.stride, sub_shape, length, fold)
     offsets = _tap_offsets(p.groups, channels_per_group, (p.kernel_height, p.kernel_width), p.stride,
-                           p.dilation, sub_shape, taps_padded, source.shape[1] - length)
-    grad_rows = np.empty((p.batch, p.groups, rows_padded, length), gy.dtype)
-    kernels.spread_rows(gy.reshape(p.batch, p.groups, per_group, p.out_height, p.out_width), grad_rows, row)
-    chunks = -(-p.batch // kernels.WEIGHT_CHUNK)
+                           p.dilation, wide_shape, taps_padded, source.shape[1] - length)
+    grad_rows = np.empty((source.shape[0], p.groups, rows_padded, length), gy.dtype)
+    kernels.spread_rows(gy.reshape(p.batch, p.groups, per_group, p.out_height, p.out_width), grad_rows, row, fold)
+    chunks = -(-source.shape[0] // kernels.WEIGHT_CHUNK)
     partials = np.empty((chunks, p.groups, rows_padded, taps_padded), np.float64)
-    kernels.weight_partials(source, grad_rows, offsets, partials)
+    # Wide rows are exact only for a finite source: elsewhere sum the real columns only (see weight_partials),
+    # one run per output row of each image.
+    runs = (1, length, length) if finite else (p.out_height * fold, sub_shape[1], p.out_width)
+    kernels.weight_partials(source, grad_rows, offsets, partials, *runs)
     total = partials[0] if chunks == 1 else partials.sum(axis=0)
     return np.ascontiguousarray(total[:, :per_group, :taps].reshape(p.weight_shape), dtype=gy.dtype)
 
