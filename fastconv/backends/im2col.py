@@ -89,6 +89,7 @@ def _plan(p, itemsize, workers):
     if p.batch < workers:  # bands of rows, so that every worker gets a unit
         rows_fit = min(rows_fit, -(-p.out_height // workers))
     if rows_fit < p.out_height:
+        rows_fit = -(-p.out_height // -(-p.out_height // rows_fit))  # bands of equal height
         return [[(slice(n, n + 1), slice(r, min(r + rows_fit, p.out_height)))
                  for r in range(0, p.out_height, rows_fit)] for n in range(p.batch)]
     images = max(1, min(-(-p.batch // workers), rows_fit // p.out_height))  # every worker gets a unit
