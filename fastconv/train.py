@@ -118,12 +118,12 @@ def save_plot(history, path):
 def run(args):
     """Train the digits CNN as the parsed arguments say; a missing package or a bad argument exits with
     a message."""
-    problem = missing_extra()
-    if problem:
-        raise SystemExit(problem)
     choices = ("auto",) + available_backends()
     if args.backend is not None and args.backend not in choices:
         raise SystemExit(f"unknown or unavailable backend {args.backend!r}; available: {', '.join(choices)}")
+    problem = missing_extra()
+    if problem:
+        raise SystemExit(problem)
     data = load_digits(args.seed)
     model = digits_cnn(np.random.default_rng(args.seed), backend=args.backend)
     print(f"digits: {len(data[0])} training and {len(data[2])} test images; backend {args.backend or get_backend()}, "

@@ -14,6 +14,8 @@ TINY_POOLS = (suite.Pool((2, 3, 8, 8), 2, 2), suite.Pool((1, 2, 9, 9), 3, 2, pad
 
 @pytest.fixture(scope="module")
 def results():
+    pytest.importorskip("tqdm")  # installed by the test extra; the report's progress bar
+    pytest.importorskip("matplotlib")
     with pytest.MonkeyPatch.context() as patch:  # the ceilings' full-size runs take seconds: tested below
         patch.setattr(report, "gemm_rate", lambda threads, budget: 100.0)
         patch.setattr(report, "copy_bandwidth", lambda threads, budget: 10.0)
