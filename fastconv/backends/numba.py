@@ -5,18 +5,17 @@ setting in force (Numba's thread count is per Python thread); problems too small
 region run on one thread, chosen by size only. Results do not depend on the thread count: every output
 is computed by one work item, and the weight gradient adds fixed chunks of the batch in a fixed order.
 """
+import math
+
 import numba
 import numpy as np
 
 from ..params import index_out_of_plane
-from ..threads import get_num_threads
+from ..threads import threads_for
 from . import _numba_kernels as kernels
 
 # omp runs concurrent calls from several Python threads; workqueue would abort on them.
 numba.config.THREADING_LAYER = "omp"
-
-# Below this many multiply-adds (or elements, for pooling) a parallel region costs more than it saves.
-SERIAL_WORK = 1 << 18
 
 
 def supports(op, p, dtype):
@@ -32,9 +31,9 @@ def describe():
 
 
 def _use_threads(work):
-    """Apply the thread setting to this Python thread's Numba: one thread for small work."""
-    wanted = 1 if work < SERIAL_WORK else min(get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    numba.set_num_threads(wanted)
+    """Apply the thread setting to this Python thread's Numba (its count is per Python thread): one thread
+    for small work (multiply-adds, or elements for pooling)."""
+    numba.set_num_threads(min(threads_for(work), numba.config.NUMBA_NUM_THREADS))
 
 
 def _round_up(n, multiple):
@@ -164,7 +163,7 @@ def max_pool2d_forward(x, p):
 
 
 def max_pool2d_backward(gy, indices, input_shape):
-    _use_threads(int(np.prod(input_shape)))
+    _use_threads(math.prod(input_shape))
     gx = np.empty(input_shape, gy.dtype)
     bad = np.zeros((input_shape[0] * input_shape[1], 2), np.int64)
     kernels.max_pool_backward(gy, indices, gx, bad)
