@@ -144,3 +144,27 @@ def test_import_is_light():
     code = "import sys, fastconv; print(any(m.startswith(('numba', 'fastconv.backends.')) for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_blas_limits_are_restored_after_a_call(backend):
+    """Backends limit BLAS inside their own parallel regions and give the user's setting back."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    rng = np.random.default_rng(2)
+    x, w = rng.standard_normal((8, 16, 24, 24)), rng.standard_normal((16, 16, 3, 3))  # above the serial cut
+
+    def blas_threads():
+        return [pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"]
+
+    fastconv.conv2d(x, w, backend=backend)  # loads whatever BLAS the backend uses
+    before = blas_threads()
+    fastconv.conv2d(x, w, backend=backend)
+    fastconv.conv2d_backward(fastconv.conv2d(x, w, backend=backend), x, w, backend=backend)
+    assert blas_threads() == before
+
+
+def test_tiny_problems_run_on_one_thread():
+    from fastconv.threads import SERIAL_WORK, threads_for
+
+    with fastconv.threads(2):
+        assert threads_for(SERIAL_WORK - 1) == 1
+        assert threads_for(SERIAL_WORK) == 2
