@@ -49,21 +49,45 @@ cdef inline void pool_window(const floating* x, const Pool* q, int h0, int kh_lo
     y[ow], indices[ow] = best, best_index
 
 
+cdef inline void scan_window_row(const floating* row, int row_at, int count, int kernel_w, int stride_w,
+                                 int dilation_w, bint first, floating* best, unsigned* best_at) noexcept nogil:
+    """One window row of `count` windows lying inside the input columns: cell b of window j is
+    row[j*stride_w + b*dilation_w], at offset row_at + j*stride_w + b*dilation_w; `first` starts each window
+    from its cell 0. Selects, not branches (random data mispredicts); inlined with constant shapes, the loop
+    over the windows vectorizes (strided loads, float values and 32-bit offsets of the same width)."""
+    cdef int j, b, at
+    cdef unsigned current_at
+    cdef floating value, current
+    cdef bint take
+    for j in range(count):
+        if first:  # loop-invariant (the compiler unswitches it); best is not read: it is not written yet
+            current, current_at = row[j * stride_w], row_at + j * stride_w  # cell 0 again below is a no-op
+        else:
+            current, current_at = best[j], best_at[j]
+        for b in range(kernel_w):
+            at = j * stride_w + b * dilation_w
+            value = row[at]
+            take = (value > current) | (value != value)
+            current = value if take else current
+            current_at = row_at + at if take else current_at
+        best[j], best_at[j] = current, current_at
+
+
 cdef void pool_plane(const floating* x, const Pool* q, floating* y, int64_t* indices) noexcept nogil:
-    """Each output row: the windows whose columns all lie inside the input go tap by tap across the row
-    (in tiles, with selects instead of unpredictable branches, which the compiler vectorizes); the edge windows one
-    by one."""
-    cdef int oh, ow, h0, kh, kw, kh_low, kh_high
+    """Each output row: the windows whose columns all lie inside the input go window row by window row
+    across a tile of the output row (vectorized, see scan_window_row); the edge windows one by one."""
+    cdef int oh, ow, h0, kh, kh_low, kh_high, row_at
     cdef int inner_low = min(q.out_w, ceil_div(q.pad_w, q.stride_w))
     cdef int last_start = q.width - 1 - (q.kernel_w - 1) * q.dilation_w + q.pad_w  # of an inner window, padded
     cdef int inner_high = inner_low if last_start < 0 else max(inner_low, min(q.out_w, last_start // q.stride_w + 1))
-    cdef bint wins
-    # A tile of windows in local arrays (one tap's values gathered contiguously; 32-bit indices, as wide as
-    # float32 values): the compiler vectorizes the selects.
-    cdef floating tile_value[TILE]
-    cdef floating tile_best[TILE]
-    cdef int tile_index[TILE]
-    cdef int tile, tile_size, base, first_tap
+    # A tile of windows: their best values go straight to y, their offsets from the tile's first cell to a
+    # local array (in L1), 32-bit: as wide as float32 values, and small whatever the plane size.
+    cdef unsigned tile_at[TILE]  # unsigned: widens to int64 without sign work
+    cdef int tile, tile_size
+    cdef bint first
+    cdef const floating* row
+    cdef int64_t tile_origin
+    cdef int64_t* tile_indices
     for oh in range(q.out_h):
         h0 = oh * q.stride_h - q.pad_h
         window_taps(h0, q.height, q.kernel_h, q.dilation_h, &kh_low, &kh_high)
@@ -74,19 +98,25 @@ cdef void pool_plane(const floating* x, const Pool* q, floating* y, int64_t* ind
         tile = inner_low
         while tile < inner_high:
             tile_size = min(TILE, inner_high - tile)
-            first_tap = 1
+            tile_origin = <int64_t>(h0 + kh_low * q.dilation_h) * q.width + tile * q.stride_w - q.pad_w
             for kh in range(kh_low, kh_high):
-                for kw in range(q.kernel_w):
-                    base = (h0 + kh * q.dilation_h) * q.width - q.pad_w + kw * q.dilation_w + tile * q.stride_w
-                    for ow in range(tile_size):
-                        tile_value[ow] = x[base + ow * q.stride_w]
-                    for ow in range(tile_size):
-                        wins = first_tap | (tile_value[ow] > tile_best[ow]) | (tile_value[ow] != tile_value[ow])
-                        tile_best[ow] = tile_value[ow] if wins else tile_best[ow]
-                        tile_index[ow] = base + ow * q.stride_w if wins else tile_index[ow]
-                    first_tap = 0
+                row_at = (kh - kh_low) * q.dilation_h * q.width
+                row = x + tile_origin + row_at
+                first = kh == kh_low
+                # Constant shapes for the common kernels let the compiler vectorize their strided loads.
+                if q.kernel_w == 2 and q.stride_w == 2 and q.dilation_w == 1:
+                    scan_window_row(row, row_at, tile_size, 2, 2, 1, first, y + tile, tile_at)
+                elif q.kernel_w == 3 and q.stride_w == 2 and q.dilation_w == 1:
+                    scan_window_row(row, row_at, tile_size, 3, 2, 1, first, y + tile, tile_at)
+                elif q.kernel_w == 3 and q.stride_w == 1 and q.dilation_w == 1:
+                    scan_window_row(row, row_at, tile_size, 3, 1, 1, first, y + tile, tile_at)
+                else:
+                    scan_window_row(row, row_at, tile_size, q.kernel_w, q.stride_w, q.dilation_w, first,
+                                    y + tile, tile_at)
+            # Indexed from a pointer (with -fwrapv a 32-bit `tile + ow` need not be contiguous): vectorizes.
+            tile_indices = indices + tile
             for ow in range(tile_size):
-                y[tile + ow], indices[tile + ow] = tile_best[ow], tile_index[ow]
+                tile_indices[ow] = tile_origin + tile_at[ow]
             tile += TILE
         y += q.out_w
         indices += q.out_w

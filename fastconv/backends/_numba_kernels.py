@@ -22,7 +22,7 @@ from numba import njit, prange
 
 # No nnan/ninf: NaN and inf must propagate (pooling compares with NaN).
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
-TAPS_FORWARD = 4  # taps per block in the forward/input-gradient kernel
+TAPS_FORWARD = 6  # taps per block in the forward/input-gradient kernel (see _block)
 TAPS_WEIGHT = 3  # taps per block in the weight-gradient kernel
 ROWS_PER_TILE = 2048  # output elements (whole rows) accumulated at once; small planes fold images to fill it
 WEIGHT_CHUNK = 4  # images per weight-gradient partial sum: fixed, so results do not depend on threads
@@ -70,52 +70,24 @@ def build_source(a, source, up_h, up_w, pad_top, pad_left, sh, sw, sub_h, sub_w,
 
 
 @inline_jit
-def _block8(acc, img, offsets, weights, co, k, n):
-    """acc[0:8, :n] += weights[co:co+8, k:k+4] @ (the four tap runs of img, n long)."""
-    x0 = img[offsets[k]:][:n]
-    x1 = img[offsets[k + 1]:][:n]
-    x2 = img[offsets[k + 2]:][:n]
-    x3 = img[offsets[k + 3]:][:n]
-    w00, w01, w02, w03 = weights[co, k], weights[co, k + 1], weights[co, k + 2], weights[co, k + 3]
-    w10, w11, w12, w13 = weights[co + 1, k], weights[co + 1, k + 1], weights[co + 1, k + 2], weights[co + 1, k + 3]
-    w20, w21, w22, w23 = weights[co + 2, k], weights[co + 2, k + 1], weights[co + 2, k + 2], weights[co + 2, k + 3]
-    w30, w31, w32, w33 = weights[co + 3, k], weights[co + 3, k + 1], weights[co + 3, k + 2], weights[co + 3, k + 3]
-    w40, w41, w42, w43 = weights[co + 4, k], weights[co + 4, k + 1], weights[co + 4, k + 2], weights[co + 4, k + 3]
-    w50, w51, w52, w53 = weights[co + 5, k], weights[co + 5, k + 1], weights[co + 5, k + 2], weights[co + 5, k + 3]
-    w60, w61, w62, w63 = weights[co + 6, k], weights[co + 6, k + 1], weights[co + 6, k + 2], weights[co + 6, k + 3]
-    w70, w71, w72, w73 = weights[co + 7, k], weights[co + 7, k + 1], weights[co + 7, k + 2], weights[co + 7, k + 3]
-    a0, a1, a2, a3 = acc[0, :n], acc[1, :n], acc[2, :n], acc[3, :n]
-    a4, a5, a6, a7 = acc[4, :n], acc[5, :n], acc[6, :n], acc[7, :n]
-    for t in range(n):
-        v0, v1, v2, v3 = x0[t], x1[t], x2[t], x3[t]
-        a0[t] += w00 * v0 + w01 * v1 + w02 * v2 + w03 * v3
-        a1[t] += w10 * v0 + w11 * v1 + w12 * v2 + w13 * v3
-        a2[t] += w20 * v0 + w21 * v1 + w22 * v2 + w23 * v3
-        a3[t] += w30 * v0 + w31 * v1 + w32 * v2 + w33 * v3
-        a4[t] += w40 * v0 + w41 * v1 + w42 * v2 + w43 * v3
-        a5[t] += w50 * v0 + w51 * v1 + w52 * v2 + w53 * v3
-        a6[t] += w60 * v0 + w61 * v1 + w62 * v2 + w63 * v3
-        a7[t] += w70 * v0 + w71 * v1 + w72 * v2 + w73 * v3
-
-
-@inline_jit
-def _block4(acc, img, offsets, weights, co, k, n):
-    """acc[0:4, :n] += weights[co:co+4, k:k+4] @ (the four tap runs of img, n long): a group's last block."""
-    x0 = img[offsets[k]:][:n]
-    x1 = img[offsets[k + 1]:][:n]
-    x2 = img[offsets[k + 2]:][:n]
-    x3 = img[offsets[k + 3]:][:n]
-    w00, w01, w02, w03 = weights[co, k], weights[co, k + 1], weights[co, k + 2], weights[co, k + 3]
-    w10, w11, w12, w13 = weights[co + 1, k], weights[co + 1, k + 1], weights[co + 1, k + 2], weights[co + 1, k + 3]
-    w20, w21, w22, w23 = weights[co + 2, k], weights[co + 2, k + 1], weights[co + 2, k + 2], weights[co + 2, k + 3]
-    w30, w31, w32, w33 = weights[co + 3, k], weights[co + 3, k + 1], weights[co + 3, k + 2], weights[co + 3, k + 3]
+def _block(acc, img, offsets, weights, co, k, n):
+    """acc[0:4, :n] += weights[co:co+4, k:k+6] @ (the six tap runs of img, n long). Six taps per pass: the
+    accumulator rows are loaded and stored once per 24 multiply-adds, and the 24 weights, 6 tap values and
+    an accumulator still fit in the 32 vector registers (more would spill to the stack)."""
+    x0, x1, x2 = img[offsets[k]:][:n], img[offsets[k + 1]:][:n], img[offsets[k + 2]:][:n]
+    x3, x4, x5 = img[offsets[k + 3]:][:n], img[offsets[k + 4]:][:n], img[offsets[k + 5]:][:n]
+    w0, w1, w2, w3 = weights[co], weights[co + 1], weights[co + 2], weights[co + 3]
+    w00, w01, w02, w03, w04, w05 = w0[k], w0[k + 1], w0[k + 2], w0[k + 3], w0[k + 4], w0[k + 5]
+    w10, w11, w12, w13, w14, w15 = w1[k], w1[k + 1], w1[k + 2], w1[k + 3], w1[k + 4], w1[k + 5]
+    w20, w21, w22, w23, w24, w25 = w2[k], w2[k + 1], w2[k + 2], w2[k + 3], w2[k + 4], w2[k + 5]
+    w30, w31, w32, w33, w34, w35 = w3[k], w3[k + 1], w3[k + 2], w3[k + 3], w3[k + 4], w3[k + 5]
     a0, a1, a2, a3 = acc[0, :n], acc[1, :n], acc[2, :n], acc[3, :n]
     for t in range(n):
-        v0, v1, v2, v3 = x0[t], x1[t], x2[t], x3[t]
-        a0[t] += w00 * v0 + w01 * v1 + w02 * v2 + w03 * v3
-        a1[t] += w10 * v0 + w11 * v1 + w12 * v2 + w13 * v3
-        a2[t] += w20 * v0 + w21 * v1 + w22 * v2 + w23 * v3
-        a3[t] += w30 * v0 + w31 * v1 + w32 * v2 + w33 * v3
+        v0, v1, v2, v3, v4, v5 = x0[t], x1[t], x2[t], x3[t], x4[t], x5[t]
+        a0[t] += w00 * v0 + w01 * v1 + w02 * v2 + w03 * v3 + w04 * v4 + w05 * v5
+        a1[t] += w10 * v0 + w11 * v1 + w12 * v2 + w13 * v3 + w14 * v4 + w15 * v5
+        a2[t] += w20 * v0 + w21 * v1 + w22 * v2 + w23 * v3 + w24 * v4 + w25 * v5
+        a3[t] += w30 * v0 + w31 * v1 + w32 * v2 + w33 * v3 + w34 * v4 + w35 * v5
 
 
 @jit
@@ -123,34 +95,29 @@ def correlate(source, weights, offsets, bias, out, row, fold):
     """out[m*fold + b, g*Cg + co, oh, ow] = bias[..] + sum_k weights[g, co, k] *
     source[m, offsets[g, k] + oh*row + b*(row // fold) + ow]: `fold` images side by side in each source row.
 
-    weights (G, Cg rounded up to 4, K rounded up to 4) and offsets (G, K rounded up) come packed from the
-    wrapper. Work items are (source image, group, block of 8 output channels (4 for a group's last one), tile
-    of output rows): both cores stay busy at batch 1, and each output is written by one item, so the thread
-    count never matters."""
+    weights (G, Cg rounded up to 4, K rounded up to TAPS_FORWARD) and offsets (G, K rounded up) come packed from
+    the wrapper. Work items are (source image, group, block of 4 output channels, tile of output rows): both
+    cores stay busy at batch 1, and each output is written by one item, so the thread count never matters."""
     n_img, out_channels, out_h, out_w = out.shape
     groups, rows_padded, taps = weights.shape
     per_group = out_channels // groups
     segment = row // fold
-    blocks = rows_padded // 8 + (rows_padded % 8) // 4
+    blocks = rows_padded // 4
     tiles = -(-out_h * row // ROWS_PER_TILE)
     tile_rows = -(-out_h // tiles)  # tiles of equal height: balanced work items
     tiles = -(-out_h // tile_rows)
     for item in prange(source.shape[0] * groups * blocks * tiles):
         m, rest = item // (groups * blocks * tiles), item % (groups * blocks * tiles)
         g, block, tile = rest // (blocks * tiles), (rest // tiles) % blocks, rest % tiles
-        co0 = block * 8
-        height = min(8, rows_padded - co0)
+        co0 = block * 4
         oh0 = tile * tile_rows
         oh1 = min(out_h, oh0 + tile_rows)
         t0, t1 = oh0 * row, oh1 * row
         img, w, offs = source[m, t0:], weights[g], offsets[g]
-        acc = np.zeros((height, t1 - t0), source.dtype)
+        acc = np.zeros((4, t1 - t0), source.dtype)
         for k in range(0, taps, TAPS_FORWARD):
-            if height == 8:
-                _block8(acc, img, offs, w, co0, k, t1 - t0)
-            else:
-                _block4(acc, img, offs, w, co0, k, t1 - t0)
-        for r in range(height):
+            _block(acc, img, offs, w, co0, k, t1 - t0)
+        for r in range(4):
             co = co0 + r
             if co < per_group:
                 channel = g * per_group + co
