@@ -13,14 +13,6 @@ import os
 import threading
 from dataclasses import dataclass
 
-OPS = (
-    "conv2d_forward",
-    "conv2d_backward_input",
-    "conv2d_backward_weight",
-    "max_pool2d_forward",
-    "max_pool2d_backward",
-)
-
 # `auto`, until a measured choice exists: the first of these that is available and supports the call.
 PREFERENCE = ("cython", "numba", "im2col", "naive")
 
