@@ -46,10 +46,12 @@ def _extensions():
     import numpy
     from Cython.Build import cythonize
 
+    headers = [str(h.relative_to(HERE)) for h in sorted(HERE.glob("kernels/*.h"))]
     flags = ["-O3"] + (["-march=native"] if os.environ.get("FASTCONV_MARCH_NATIVE") == "1" else [])
     modules = [
         Extension(f"fastconv.backends._{src.stem}", [str(src.relative_to(HERE))],
-                  include_dirs=[numpy.get_include()], extra_compile_args=list(flags), optional=True)
+                  include_dirs=[numpy.get_include(), "kernels"], depends=headers,
+                  extra_compile_args=list(flags), optional=True)
         for src in sources
     ]
     return cythonize(modules, language_level=3, include_path=[str(HERE / "kernels")])

@@ -1,22 +1,57 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Convolution kernels: im2col of a block of work into a per-thread buffer, then one GEMM per group.
+"""Convolution kernels, two ways.
 
+Direct (stride 1, on CPUs with AVX2 or AVX-512): each unit of work (an image, or a band of its output rows)
+copies its input rows, zero-padded, into a per-thread buffer; every output pixel is then a fixed set of taps
+of that buffer at fixed offsets, and register tiles of direct_conv.h (4-8 output channels x 12-48 pixels)
+accumulate them without any column matrix. The forward and the stride-1 input gradient (a forward
+convolution with the flipped kernel) take this path.
+
+im2col + GEMM (everything else): im2col of a block of work into a per-thread buffer, then one GEMM per group.
 A block is a few whole images, or a band of output rows of one image (so a small batch still feeds every
 core). Blocks run in parallel under OpenMP, each calling single-threaded BLAS (scipy.linalg.cython_blas).
-How the work is cut into blocks depends on the shape only, never on the thread count, and every reduction
-(the weight gradient's sum over the batch) adds fixed partials in a fixed order: the results are bitwise
-identical whatever the number of threads.
+
+How the work is cut depends on the shape only, never on the thread count, and every reduction (the weight
+gradient's sum over the batch) adds fixed partials in a fixed order: the results are bitwise identical
+whatever the number of threads.
 """
 import numpy as np
 
 from cython cimport floating
 from cython.parallel cimport prange
+from libc.stddef cimport ptrdiff_t
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
 from openmp_shim cimport FASTCONV_OPENMP, omp_get_max_threads, omp_get_thread_num
 
+cdef extern from "direct_conv.h" nogil:
+    int direct_select(const char* name)
+    const char* direct_isa_name()
+    int direct_channels()
+    int direct_width(int is_double)
+    void direct_tile_float(const float* x, ptrdiff_t channel_stride, int channels, const ptrdiff_t* taps,
+                           int n_taps, const float* w, float* out)
+    void direct_tile_double(const double* x, ptrdiff_t channel_stride, int channels, const ptrdiff_t* taps,
+                            int n_taps, const double* w, double* out)
+
 OPENMP = bool(FASTCONV_OPENMP)  # built with OpenMP; without it prange runs serially
+VECTOR_ISAS = ("avx512", "avx2", "none")  # the direct path's register tiles, best first ("none": GEMM only)
+
+
+def use_vector_isa(name):
+    """Use the named register tiles for the direct path (VECTOR_ISAS; the best the CPU runs by default).
+    Returns False, changing nothing, when the CPU cannot run them."""
+    return bool(direct_select(name.encode()))
+
+
+def vector_isa():
+    return direct_isa_name().decode()
+
+
+for _isa in VECTOR_ISAS:
+    if use_vector_isa(_isa):
+        break
 
 
 def openmp_max_threads():
@@ -26,6 +61,8 @@ def openmp_max_threads():
 cdef Py_ssize_t BLOCK_BYTES = 1 << 20
 # Fewer blocks than this and images are cut into row bands; also the number of weight-gradient partials.
 cdef int MIN_BLOCKS = 8
+# A direct unit's padded input rows are cut to stay in a core's L2 cache beside the weights.
+cdef Py_ssize_t BAND_BYTES = 1 << 19
 
 
 cdef struct Conv:
@@ -320,15 +357,170 @@ cdef void backward_weight_chunk(const floating* gy, const floating* x, const Con
                  partial + <Py_ssize_t>g * c.group_out * c.k, c.k)
 
 
+cdef struct Direct:
+    int channels               # output channels per register tile
+    int width                  # output pixels per register tile
+    int padded_width           # input row width with its padding: output pixel (r, ow) is at r * padded_width + ow
+    int band_rows              # output rows per unit of work (an image's last band may have fewer)
+    int bands                  # units per image
+    int halo                   # input rows a band needs beyond its output rows
+    int blocks                 # tiles of `channels` output channels per group
+    int taps                   # kernel_h * kernel_w
+    ptrdiff_t channel_stride   # one channel's rows in the padded buffer
+    ptrdiff_t buffer           # the padded buffer, with the slack the last tile reads past its end
+
+
+cdef bint direct_plan(const Conv* c, Py_ssize_t itemsize, Direct* d):
+    """The direct path's cut of the work, or False when it does not serve this convolution."""
+    d.channels, d.width = direct_channels(), direct_width(itemsize == 8)
+    if d.width == 0 or c.stride_h != 1 or c.stride_w != 1 or c.pointwise:
+        return False
+    d.padded_width = c.out_w + (c.kernel_w - 1) * c.dilation_w
+    d.halo = (c.kernel_h - 1) * c.dilation_h
+    cdef Py_ssize_t row_bytes = <Py_ssize_t>c.group_in * d.padded_width * itemsize
+    cdef int rows = ceil_div(c.out_h, ceil_div(MIN_BLOCKS, c.batch)) if c.batch < MIN_BLOCKS else c.out_h
+    rows = <int>max(1, min(rows, BAND_BYTES // row_bytes - d.halo))
+    d.band_rows = ceil_div(c.out_h, ceil_div(c.out_h, rows))  # bands of even height
+    d.bands = ceil_div(c.out_h, d.band_rows)
+    d.blocks = ceil_div(c.group_out, d.channels)
+    d.taps = c.kernel_h * c.kernel_w
+    d.channel_stride = <ptrdiff_t>(d.band_rows + d.halo) * d.padded_width
+    d.buffer = c.group_in * d.channel_stride + d.width + (c.kernel_w - 1) * c.dilation_w
+    return True
+
+
+def direct_serves(p, Py_ssize_t itemsize):
+    cdef Conv c = geometry(p)
+    cdef Direct d
+    return direct_plan(&c, itemsize, &d)
+
+
+cdef void pack_weight(const floating* w, const Conv* c, const Direct* d, bint flipped, floating* packed) noexcept nogil:
+    """packed[g, block, ch, tap, j] = the weight of output channel block * d.channels + j of group g (zero past
+    the group's channels), as the register tiles read it. flipped: w is the weight of the convolution whose
+    input gradient this is, (c.group_in, c.out_channels, kh, kw) per group: its channel axes swap and its
+    taps run backwards."""
+    cdef int g, block, ch, tap, j, o
+    cdef Py_ssize_t source
+    for g in range(c.groups):
+        for block in range(d.blocks):
+            for ch in range(c.group_in):
+                for tap in range(d.taps):
+                    for j in range(d.channels):
+                        o = block * d.channels + j
+                        if o >= c.group_out:
+                            packed[0] = 0
+                        elif flipped:
+                            source = ((<Py_ssize_t>g * c.group_in + ch) * c.group_out + o) * d.taps + d.taps - 1 - tap
+                            packed[0] = w[source]
+                        else:
+                            source = ((<Py_ssize_t>g * c.group_out + o) * c.group_in + ch) * d.taps + tap
+                            packed[0] = w[source]
+                        packed += 1
+
+
+cdef void pad_band(const floating* x, const Conv* c, const Direct* d, int first_row, int rows,
+                   floating* band) noexcept nogil:
+    """band[ch, r, :] = input row first_row + r of channel ch of x (one image, one group), zero-padded to
+    padded_width (stride 1: pad_left + width + pad_right); rows outside the input are zeros."""
+    cdef int ch, r, ih
+    cdef floating* dst
+    cdef int right = d.padded_width - c.pad_left - c.width
+    for ch in range(c.group_in):
+        for r in range(rows):
+            ih = first_row + r
+            dst = band + ch * d.channel_stride + <ptrdiff_t>r * d.padded_width
+            if ih < 0 or ih >= c.height:
+                memset(dst, 0, d.padded_width * sizeof(floating))
+                continue
+            memset(dst, 0, c.pad_left * sizeof(floating))
+            memcpy(dst + c.pad_left, x + (<Py_ssize_t>ch * c.height + ih) * c.width, c.width * sizeof(floating))
+            memset(dst + c.pad_left + c.width, 0, right * sizeof(floating))
+
+
+cdef void store_tile(const floating* tile, const Conv* c, const Direct* d, int start, int end, int channels,
+                     const floating* bias, floating* y) noexcept nogil:
+    """y[j, r, ow] = tile[j, q - start] (+ bias[j]) for the tile's pixels q = r * padded_width + ow in
+    [start, end) with ow < out_w (the others lie in the padding columns) and its first `channels` channels.
+    y points at the band's first output row of the tile's first channel."""
+    cdef int j, k, q, r, run
+    cdef floating shift
+    cdef floating* dst
+    cdef const floating* src
+    for j in range(channels):
+        shift = bias[j] if bias != NULL else 0
+        q = start
+        while q < end:  # one run of valid pixels per output row
+            r = q // d.padded_width
+            run = min(end, r * d.padded_width + c.out_w) - q
+            dst = y + (<Py_ssize_t>j * c.out_h + r) * c.out_w + q - r * d.padded_width
+            src = tile + j * d.width + q - start
+            for k in range(run):
+                dst[k] = src[k] + shift
+            q = (r + 1) * d.padded_width
+
+
+cdef void direct_unit(const floating* x, const floating* packed, const floating* bias, const Conv* c,
+                      const Direct* d, const ptrdiff_t* taps, int unit, floating* y, floating* band,
+                      floating* tile) noexcept nogil:
+    """Output rows [row, row + rows) of one image, every channel: pad the band's input once per group, then
+    for each block of d.channels channels sweep the tiles across it."""
+    cdef int image = unit // d.bands, row = (unit % d.bands) * d.band_rows
+    cdef int rows = min(d.band_rows, c.out_h - row), pixels = rows * d.padded_width
+    cdef int g, block, start, channels
+    cdef floating* y_block
+    cdef const floating* w_block
+    for g in range(c.groups):
+        pad_band(x + (<Py_ssize_t>image * c.channels + g * c.group_in) * c.height * c.width, c, d, row - c.pad_top,
+                 rows + d.halo, band)
+        for block in range(d.blocks):
+            channels = min(d.channels, c.group_out - block * d.channels)
+            w_block = packed + (<Py_ssize_t>g * d.blocks + block) * c.group_in * d.taps * d.channels
+            y_block = y + ((<Py_ssize_t>image * c.out_channels + g * c.group_out + block * d.channels) * c.out_h
+                           + row) * c.out_w
+            start = 0
+            while start < pixels:
+                if floating is float:
+                    direct_tile_float(band + start, d.channel_stride, c.group_in, taps, d.taps, w_block, tile)
+                else:
+                    direct_tile_double(band + start, d.channel_stride, c.group_in, taps, d.taps, w_block, tile)
+                store_tile(tile, c, d, start, min(start + d.width, pixels), channels,
+                           bias + g * c.group_out + block * d.channels if bias != NULL else NULL, y_block)
+                start += d.width
+
+
+cdef void direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, const floating* bias,
+                 floating[:, :, :, ::1] y, const Conv* c, const Direct* d, bint flipped, int threads):
+    """y = conv2d(x, w) + bias by the direct path; flipped: w is the weight of the convolution whose stride-1
+    input gradient this is (params.input_gradient_as_forward)."""
+    dtype = np.asarray(y).dtype
+    cdef floating[::1] packed = np.empty(c.groups * d.blocks * c.group_in * d.taps * d.channels, dtype)
+    pack_weight(&w[0, 0, 0, 0], c, d, flipped, &packed[0])
+    cdef ptrdiff_t[::1] taps = np.array([kh * c.dilation_h * d.padded_width + kw * c.dilation_w
+                                         for kh in range(c.kernel_h) for kw in range(c.kernel_w)], np.intp)
+    # zeroed once: the slack past the band and the rows a short last band leaves stale are read by tiles
+    # whose results are never stored, and must not hold signalling garbage
+    cdef floating[:, ::1] workspace = np.zeros((threads, d.buffer + d.channels * d.width), dtype)
+    cdef floating* band
+    cdef int unit
+    for unit in prange(c.batch * d.bands, nogil=True, schedule="dynamic", num_threads=threads):
+        band = &workspace[omp_get_thread_num(), 0]
+        direct_unit(&x[0, 0, 0, 0], &packed[0], bias, c, d, &taps[0], unit, &y[0, 0, 0, 0], band, band + d.buffer)
+
+
 def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, const floating[::1] bias,
             floating[:, :, :, ::1] y, p, int threads):
     """y = conv2d(x, w) + bias (bias may be None)."""
     cdef Conv c = geometry(p)
-    cdef Plan plan = make_plan(&c, sizeof(floating))
-    cdef floating[:, ::1] workspace = np.empty((threads, (c.k + c.group_out) * plan.columns), np.asarray(y).dtype)
     cdef const floating* bias_ptr = NULL
     if bias is not None:
         bias_ptr = &bias[0]
+    cdef Direct d
+    if direct_plan(&c, sizeof(floating), &d):
+        direct(x, w, bias_ptr, y, &c, &d, False, threads)
+        return
+    cdef Plan plan = make_plan(&c, sizeof(floating))
+    cdef floating[:, ::1] workspace = np.empty((threads, (c.k + c.group_out) * plan.columns), np.asarray(y).dtype)
     cdef floating* col
     cdef int t
     for t in prange(plan.blocks, nogil=True, schedule="dynamic", num_threads=threads):
@@ -340,7 +532,15 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, cons
 def backward_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] w, floating[:, :, :, ::1] gx,
                    p, int threads):
     """gx = the gradient of conv2d with respect to its input."""
-    cdef Conv c = geometry(p)
+    cdef Conv c, as_forward
+    cdef Direct d
+    as_forward_params = p.input_gradient_as_forward()
+    if as_forward_params is not None:
+        as_forward = geometry(as_forward_params)
+        if direct_plan(&as_forward, sizeof(floating), &d):
+            direct(gy, w, NULL, gx, &as_forward, &d, True, threads)
+            return
+    c = geometry(p)
     cdef Plan plan = make_plan(&c, sizeof(floating))
     cdef int first, last, t
     for t in range(plan.blocks):  # an input band's output rows reach beyond its own band (the kernel's halo)

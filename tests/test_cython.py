@@ -1,9 +1,9 @@
 """The cython backend's own promises: built with OpenMP here, bitwise identical with 1 and 2 threads, every
-way of cutting the work into blocks (several images per block, row bands of one image) right, and long
-float32 weight-gradient sums accurate."""
+way of cutting the work into blocks (several images per block, row bands of one image) right, the direct
+path right with every set of register tiles the CPU runs, and long float32 weight-gradient sums accurate."""
 import numpy as np
 import pytest
-from cases import rel_err
+from cases import TOLERANCE, rel_err
 
 import fastconv
 from fastconv import dispatch
@@ -85,3 +85,73 @@ def test_bad_pool_index_raises_without_writing_out_of_bounds():
     idx[1, 2, 1, 0] = 16
     with pytest.raises(ValueError, match="16"):
         fastconv.max_pool2d_backward(y, idx, x.shape, backend="cython")
+
+
+def _direct_cases(count, seed):
+    """Stride-1 convolutions with more channels than the shared random cases draw, so that register tiles
+    fill, overflow and are cut short; rows long and short against a tile's width, bands of every height."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        groups = int(rng.choice([1, 1, 2, 3]))
+        c_in, c_out = groups * int(rng.integers(1, 7)), groups * int(rng.integers(1, 13))
+        kernel = tuple(int(k) for k in rng.integers(1, 6, size=2))
+        dilation = tuple(int(d) for d in rng.choice([1, 1, 2], size=2))
+        padding = "same" if rng.random() < 0.3 else tuple(int(p) for p in rng.integers(0, 4, size=2))
+        size = [int(k) for k in rng.integers(1, 21, size=2)]
+        size = [max(s, (k - 1) * d + 1) for s, k, d in zip(size, kernel, dilation)]  # 'valid' needs the room
+        x_shape = (int(rng.choice([1, 2, 5, 9])), c_in, *size)
+        yield x_shape, (c_out, c_in // groups, *kernel), dict(padding=padding, dilation=dilation, groups=groups)
+
+
+@pytest.fixture(params=["avx512", "avx2", "none"])
+def vector_isa(request):
+    """Each set of register tiles in turn ("none": the im2col + GEMM path only), then the default again."""
+    conv = _cython()._conv
+    default = conv.vector_isa()
+    if not conv.use_vector_isa(request.param):
+        pytest.skip(f"this CPU cannot run the {request.param} register tiles")
+    yield request.param
+    assert conv.use_vector_isa(default)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_direct_path_against_oracle(vector_isa, dtype):
+    conv = _cython()._conv
+    for x_shape, w_shape, kw in _direct_cases(25, seed=4):
+        p = fastconv.params.conv_params(x_shape, w_shape, 1, kw["padding"], kw["dilation"], kw["groups"])
+        pointwise = p.weight_shape[2:] == (1, 1) and p.padding == (0, 0, 0, 0)  # a plain GEMM on every path
+        direct = vector_isa != "none" and not pointwise
+        assert conv.direct_serves(p, np.dtype(dtype).itemsize) == direct
+        as_forward = p.input_gradient_as_forward()  # the input gradient's own path
+        assert as_forward is None or conv.direct_serves(as_forward, np.dtype(dtype).itemsize) == direct
+        rng = np.random.default_rng(5)
+        x, w, b = (rng.standard_normal(s) for s in (x_shape, w_shape, w_shape[0]))
+        y_ref = fastconv.conv2d(x, w, b, **kw, backend="naive")
+        gy = rng.standard_normal(y_ref.shape)
+        gx_ref = fastconv.conv2d_backward(gy, x, w, **kw, output_mask=(True, False, False), backend="naive")[0]
+        y = fastconv.conv2d(x.astype(dtype), w.astype(dtype), b.astype(dtype), **kw, backend="cython")
+        gx = fastconv.conv2d_backward(gy.astype(dtype), x.astype(dtype), w.astype(dtype), **kw,
+                                      output_mask=(True, False, False), backend="cython")[0]
+        case = (x_shape, w_shape, kw)
+        assert rel_err(y, y_ref) <= TOLERANCE[dtype], case
+        assert rel_err(gx, gx_ref) <= TOLERANCE[dtype], case
+
+
+def test_direct_path_bitwise_identical_with_1_and_2_threads(vector_isa):
+    _cython()
+    rng = np.random.default_rng(6)
+    x, w = rng.standard_normal((3, 12, 23, 19)).astype(np.float32), rng.standard_normal((20, 12, 3, 3)).astype(np.float32)
+    results = []
+    for threads in (1, 2):
+        with fastconv.threads(threads):
+            y = fastconv.conv2d(x, w, padding=1, backend="cython")
+            results.append((y, fastconv.conv2d_backward(y, x, w, padding=1, output_mask=(1, 0, 0), backend="cython")[0]))
+    for a, c in zip(*results):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_unknown_register_tiles_are_refused():
+    conv = _cython()._conv
+    default = conv.vector_isa()
+    assert not conv.use_vector_isa("avx9000")
+    assert conv.vector_isa() == default

@@ -1,0 +1,128 @@
+/* Register tiles for the direct (stride-1) convolution of kernels/conv.pyx, in AVX-512 and AVX2 + FMA,
+ * chosen at run time from what the CPU offers (the build itself stays generic: no -march needed). Where
+ * neither exists (another architecture or compiler, an old CPU), direct_width() is 0 and conv.pyx uses its
+ * im2col + GEMM path instead.
+ *
+ * A tile is direct_channels() output channels by direct_width() consecutive output positions of a row-padded
+ * image (see conv.pyx); its accumulators fill most of the vector registers: 8 x 3 vectors of the 32 AVX-512
+ * registers, 4 x 3 of the 16 AVX2 ones. Channel counts are mostly multiples of 8, so few tiles go to waste. */
+#include <stddef.h>
+#include <string.h>
+
+typedef void (*direct_tile_float_fn)(const float *, ptrdiff_t, int, const ptrdiff_t *, int, const float *, float *);
+typedef void (*direct_tile_double_fn)(const double *, ptrdiff_t, int, const ptrdiff_t *, int, const double *,
+                                      double *);
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define DIRECT_X86 1
+
+#define TILE_NAME tile_float_avx512
+#define TILE_T float
+#define TILE_VEC __m512
+#define TILE_LANES 16
+#define TILE_CHANNELS 8
+#define TILE_VECTORS 3
+#define TILE_TARGET "avx512f"
+#define TILE_LOAD _mm512_loadu_ps
+#define TILE_STORE _mm512_storeu_ps
+#define TILE_BROADCAST _mm512_set1_ps
+#define TILE_FMA _mm512_fmadd_ps
+#define TILE_ZERO _mm512_setzero_ps
+#include "direct_tile.h"
+
+#define TILE_NAME tile_double_avx512
+#define TILE_T double
+#define TILE_VEC __m512d
+#define TILE_LANES 8
+#define TILE_CHANNELS 8
+#define TILE_VECTORS 3
+#define TILE_TARGET "avx512f"
+#define TILE_LOAD _mm512_loadu_pd
+#define TILE_STORE _mm512_storeu_pd
+#define TILE_BROADCAST _mm512_set1_pd
+#define TILE_FMA _mm512_fmadd_pd
+#define TILE_ZERO _mm512_setzero_pd
+#include "direct_tile.h"
+
+#define TILE_NAME tile_float_avx2
+#define TILE_T float
+#define TILE_VEC __m256
+#define TILE_LANES 8
+#define TILE_CHANNELS 4
+#define TILE_VECTORS 3
+#define TILE_TARGET "avx2,fma"
+#define TILE_LOAD _mm256_loadu_ps
+#define TILE_STORE _mm256_storeu_ps
+#define TILE_BROADCAST _mm256_set1_ps
+#define TILE_FMA _mm256_fmadd_ps
+#define TILE_ZERO _mm256_setzero_ps
+#include "direct_tile.h"
+
+#define TILE_NAME tile_double_avx2
+#define TILE_T double
+#define TILE_VEC __m256d
+#define TILE_LANES 4
+#define TILE_CHANNELS 4
+#define TILE_VECTORS 3
+#define TILE_TARGET "avx2,fma"
+#define TILE_LOAD _mm256_loadu_pd
+#define TILE_STORE _mm256_storeu_pd
+#define TILE_BROADCAST _mm256_set1_pd
+#define TILE_FMA _mm256_fmadd_pd
+#define TILE_ZERO _mm256_setzero_pd
+#include "direct_tile.h"
+#endif
+
+static struct {
+    const char *name;
+    direct_tile_float_fn tile_float;
+    direct_tile_double_fn tile_double;
+    int channels;                   /* output channels per tile */
+    int width_float, width_double;  /* output positions per tile */
+} direct_isa = {"none", NULL, NULL, 0, 0, 0};
+
+/* 1 if the CPU runs the named tiles ("avx512", "avx2" or "none"); they are then the ones used. */
+static int direct_select(const char *name)
+{
+    if (strcmp(name, "none") == 0) {
+        direct_isa.name = "none";
+        direct_isa.tile_float = NULL, direct_isa.tile_double = NULL;
+        direct_isa.channels = direct_isa.width_float = direct_isa.width_double = 0;
+        return 1;
+    }
+#ifdef DIRECT_X86
+    __builtin_cpu_init();
+    if (strcmp(name, "avx512") == 0 && __builtin_cpu_supports("avx512f")) {
+        direct_isa.name = "avx512";
+        direct_isa.tile_float = tile_float_avx512, direct_isa.tile_double = tile_double_avx512;
+        direct_isa.channels = 8, direct_isa.width_float = 48, direct_isa.width_double = 24;
+        return 1;
+    }
+    if (strcmp(name, "avx2") == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        direct_isa.name = "avx2";
+        direct_isa.tile_float = tile_float_avx2, direct_isa.tile_double = tile_double_avx2;
+        direct_isa.channels = 4, direct_isa.width_float = 24, direct_isa.width_double = 12;
+        return 1;
+    }
+#endif
+    return 0;
+}
+
+static const char *direct_isa_name(void) { return direct_isa.name; }
+
+static int direct_channels(void) { return direct_isa.channels; }
+
+static int direct_width(int is_double) { return is_double ? direct_isa.width_double : direct_isa.width_float; }
+
+static void direct_tile_float(const float *x, ptrdiff_t channel_stride, int channels, const ptrdiff_t *taps,
+                              int n_taps, const float *w, float *out)
+{
+    direct_isa.tile_float(x, channel_stride, channels, taps, n_taps, w, out);
+}
+
+static void direct_tile_double(const double *x, ptrdiff_t channel_stride, int channels, const ptrdiff_t *taps,
+                               int n_taps, const double *w, double *out)
+{
+    direct_isa.tile_double(x, channel_stride, channels, taps, n_taps, w, out);
+}
