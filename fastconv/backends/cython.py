@@ -1,7 +1,9 @@
 """The Cython backend: compiled kernels from kernels/*.pyx (built by setup.py into fastconv/backends/_*.so).
 
-Convolutions: im2col of a block of work (a few images, or a band of rows of one image) into a per-thread
-buffer, then single-threaded BLAS GEMMs (scipy.linalg.cython_blas), the blocks run in parallel under OpenMP.
+Convolutions: stride 1 (forward and input gradient) as a direct convolution with AVX-512 or AVX2 register
+tiles picked from the CPU at run time; the rest as im2col of a block of work (a few images, or a band of rows
+of one image) into a per-thread buffer, then single-threaded BLAS GEMMs (scipy.linalg.cython_blas); the
+blocks run in parallel under OpenMP.
 Max-pooling: parallel over the N*C planes. Results are bitwise identical with any thread count.
 
 BLAS is kept single-threaded inside the parallel regions: a convolution call limits every loaded BLAS
@@ -27,7 +29,7 @@ def supports(op, p, dtype):
 
 def describe():
     openmp = f"OpenMP on ({_conv.openmp_max_threads()} threads max)" if _conv.OPENMP else "OpenMP off (serial build)"
-    return f"{openmp}, BLAS scipy.linalg.cython_blas"
+    return f"{openmp}, direct tiles {_conv.vector_isa()}, BLAS scipy.linalg.cython_blas"
 
 
 def _convolve(kernel, p, *arrays):
