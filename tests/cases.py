@@ -42,11 +42,30 @@ def _draw_conv(rng):
     )
 
 
-def conv_cases(count, seed):
+def _draw_wide_conv(rng):
+    """Stride 1 with more channels than _draw_conv draws: the backends' stride-1 fast paths (register tiles
+    that fill, overflow and are cut short; kernel rows of many taps), on planes long and short against a
+    tile, in batches that are cut into row bands or chunks of images."""
+    groups = int(rng.choice([1, 1, 2, 3]))
+    c_in, c_out = groups * int(rng.integers(1, 9)), groups * int(rng.integers(1, 13))
+    kh, kw = (int(k) for k in rng.integers(1, 6, size=2))
+    dilation = tuple(int(d) for d in rng.choice([1, 1, 2], size=2))
+    padding = "same" if rng.random() < 0.3 else tuple(int(p) for p in rng.integers(0, 4, size=2))
+    size = [int(s) for s in rng.integers(1, 21, size=2)]
+    size = [max(s, (k - 1) * d + 1) for s, k, d in zip(size, (kh, kw), dilation)]  # room for the kernel
+    return dict(
+        x_shape=(int(rng.choice([1, 2, 5, 9])), c_in, *size),
+        w_shape=(c_out, c_in // groups, kh, kw),
+        bias=bool(rng.random() < 0.7),
+        stride=1, padding=padding, dilation=dilation, groups=groups,
+    )
+
+
+def conv_cases(count, seed, draw=_draw_conv):
     """`count` valid random convolutions, each a dict of shapes and keyword arguments."""
     rng, cases = np.random.default_rng(seed), []
     while len(cases) < count:
-        case = _draw_conv(rng)
+        case = draw(rng)
         try:
             conv_params(case["x_shape"], case["w_shape"], case["stride"], case["padding"],
                         case["dilation"], case["groups"])
@@ -89,11 +108,20 @@ def pool_kwargs(case):
     return {k: case[k] for k in ("kernel_size", "stride", "padding", "dilation", "ceil_mode")}
 
 
+def wide_conv_cases(count, seed):
+    """`count` valid random stride-1 convolutions with many channels (see _draw_wide_conv)."""
+    return conv_cases(count, seed, _draw_wide_conv)
+
+
+def case_params(case):
+    return conv_params(case["x_shape"], case["w_shape"], case["stride"], case["padding"], case["dilation"],
+                       case["groups"])
+
+
 def conv_arrays(case, dtype, seed=0):
     """Standard-normal input, weight, bias (or None) and an upstream gradient of the output's shape."""
     rng = np.random.default_rng(seed)
-    p = conv_params(case["x_shape"], case["w_shape"], case["stride"], case["padding"], case["dilation"],
-                    case["groups"])
+    p = case_params(case)
     x = rng.standard_normal(case["x_shape"]).astype(dtype)
     w = rng.standard_normal(case["w_shape"]).astype(dtype)
     b = rng.standard_normal(case["w_shape"][0]).astype(dtype) if case["bias"] else None

@@ -197,15 +197,17 @@ def test_float32_accuracy_on_a_large_layer(fast_backend, op):
     assert rel_err(run(np.float32, fast_backend), run(np.float64, "im2col")) <= TOLERANCE[np.float32]
 
 
+@pytest.mark.parametrize("channels", [3, 8], ids=["3-channels", "8-channels"])  # 8: fast stride-1 paths too
 @pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
-def test_non_finite_inputs_propagate_as_in_the_oracle(backend, value):
+def test_non_finite_inputs_propagate_as_in_the_oracle(backend, value, channels):
     """An inf or NaN in the input reaches exactly the outputs and gradients whose sums include it, as in
     PyTorch: no extra NaN from a computed-and-dropped column multiplying it by zero."""
-    case = dict(x_shape=(2, 3, 9, 8), w_shape=(4, 3, 3, 3), bias=True, stride=1, padding=1, dilation=1, groups=1)
+    case = dict(x_shape=(2, channels, 9, 8), w_shape=(4, channels, 3, 3), bias=True, stride=1, padding=1,
+                dilation=1, groups=1)
     for stride in (1, 2):
         case["stride"] = stride
         x, w, b, gy = conv_arrays(case, np.float64)
-        x[0, 1, 4, 7] = x[1, 2, 0, 0] = value
+        x[0, 1, 4, 7] = x[1, 2, 0, 0] = x[1, channels - 1, 8, 6] = value
         kw = conv_kwargs(case)
         got, ref = ([fastconv.conv2d(x, w, b, **kw, backend=name),
                      *fastconv.conv2d_backward(gy, x, w, **kw, backend=name)] for name in (backend, "naive"))

@@ -3,7 +3,7 @@ way of cutting the work into blocks (several images per block, row bands of one 
 path right with every set of register tiles the CPU runs, and long float32 weight-gradient sums accurate."""
 import numpy as np
 import pytest
-from cases import TOLERANCE, rel_err
+from cases import TOLERANCE, case_params, conv_arrays, conv_kwargs, rel_err, wide_conv_cases
 
 import fastconv
 from fastconv import dispatch
@@ -87,22 +87,6 @@ def test_bad_pool_index_raises_without_writing_out_of_bounds():
         fastconv.max_pool2d_backward(y, idx, x.shape, backend="cython")
 
 
-def _direct_cases(count, seed):
-    """Stride-1 convolutions with more channels than the shared random cases draw, so that register tiles
-    fill, overflow and are cut short; rows long and short against a tile's width, bands of every height."""
-    rng = np.random.default_rng(seed)
-    for _ in range(count):
-        groups = int(rng.choice([1, 1, 2, 3]))
-        c_in, c_out = groups * int(rng.integers(1, 7)), groups * int(rng.integers(1, 13))
-        kernel = tuple(int(k) for k in rng.integers(1, 6, size=2))
-        dilation = tuple(int(d) for d in rng.choice([1, 1, 2], size=2))
-        padding = "same" if rng.random() < 0.3 else tuple(int(p) for p in rng.integers(0, 4, size=2))
-        size = [int(k) for k in rng.integers(1, 21, size=2)]
-        size = [max(s, (k - 1) * d + 1) for s, k, d in zip(size, kernel, dilation)]  # 'valid' needs the room
-        x_shape = (int(rng.choice([1, 2, 5, 9])), c_in, *size)
-        yield x_shape, (c_out, c_in // groups, *kernel), dict(padding=padding, dilation=dilation, groups=groups)
-
-
 @pytest.fixture(params=["avx512", "avx2", "none"])
 def vector_isa(request):
     """Each set of register tiles in turn ("none": the im2col + GEMM path only), then the default again."""
@@ -117,22 +101,20 @@ def vector_isa(request):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_direct_path_against_oracle(vector_isa, dtype):
     conv = _cython()._conv
-    for x_shape, w_shape, kw in _direct_cases(25, seed=4):
-        p = fastconv.params.conv_params(x_shape, w_shape, 1, kw["padding"], kw["dilation"], kw["groups"])
+    for case in wide_conv_cases(25, seed=4):
+        p = case_params(case)
         pointwise = p.weight_shape[2:] == (1, 1) and p.padding == (0, 0, 0, 0)  # a plain GEMM on every path
         direct = vector_isa != "none" and not pointwise
         assert conv.direct_serves(p, np.dtype(dtype).itemsize) == direct
         as_forward = p.input_gradient_as_forward()  # the input gradient's own path
         assert as_forward is None or conv.direct_serves(as_forward, np.dtype(dtype).itemsize) == direct
-        rng = np.random.default_rng(5)
-        x, w, b = (rng.standard_normal(s) for s in (x_shape, w_shape, w_shape[0]))
+        x, w, b, gy = conv_arrays(case, np.float64, seed=5)
+        kw = conv_kwargs(case)
         y_ref = fastconv.conv2d(x, w, b, **kw, backend="naive")
-        gy = rng.standard_normal(y_ref.shape)
         gx_ref = fastconv.conv2d_backward(gy, x, w, **kw, output_mask=(True, False, False), backend="naive")[0]
-        y = fastconv.conv2d(x.astype(dtype), w.astype(dtype), b.astype(dtype), **kw, backend="cython")
-        gx = fastconv.conv2d_backward(gy.astype(dtype), x.astype(dtype), w.astype(dtype), **kw,
-                                      output_mask=(True, False, False), backend="cython")[0]
-        case = (x_shape, w_shape, kw)
+        cast = [None if a is None else a.astype(dtype) for a in (x, w, b, gy)]
+        y = fastconv.conv2d(*cast[:3], **kw, backend="cython")
+        gx = fastconv.conv2d_backward(cast[3], *cast[:2], **kw, output_mask=(True, False, False), backend="cython")[0]
         assert rel_err(y, y_ref) <= TOLERANCE[dtype], case
         assert rel_err(gx, gx_ref) <= TOLERANCE[dtype], case
 
