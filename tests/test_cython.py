@@ -137,3 +137,28 @@ def test_unknown_register_tiles_are_refused():
     default = conv.vector_isa()
     assert not conv.use_vector_isa("avx9000")
     assert conv.vector_isa() == default
+
+
+def test_blas_runs_on_the_kernels_threads_only(monkeypatch):
+    """Inside a kernel, BLAS is single-threaded whatever the thread setting (with 1 thread too): the
+    kernel's own parallel region is what applies the setting."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    backend, seen = _cython(), []
+    kernels = backend._conv
+
+    class Spy:  # records BLAS's thread count as each kernel starts
+        def __getattr__(self, name):
+            def call(*args):
+                seen.append(max(pool["num_threads"] for pool in threadpoolctl.threadpool_info()
+                                if pool["user_api"] == "blas"))
+                return getattr(kernels, name)(*args)
+            return call
+
+    monkeypatch.setattr(backend, "_conv", Spy())
+    rng = np.random.default_rng(7)
+    x, w = rng.standard_normal((4, 16, 20, 20)), rng.standard_normal((16, 16, 3, 3))  # above the serial cut
+    for threads in (1, 2):
+        with fastconv.threads(threads):
+            y = fastconv.conv2d(x, w, stride=2, backend="cython")
+            fastconv.conv2d_backward(y, x, w, stride=2, backend="cython")
+    assert len(seen) == 6 and max(seen) == 1, seen

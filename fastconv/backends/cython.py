@@ -12,7 +12,7 @@ BLAS is kept single-threaded inside the parallel regions: a convolution call lim
 import numpy as np
 
 from ..params import index_out_of_plane
-from ..threads import blas_threads, threads_for
+from ..threads import SERIAL_WORK, blas_threads, threads_for
 
 try:
     from . import _conv, _pool
@@ -33,13 +33,13 @@ def describe():
 
 
 def _convolve(kernel, p, *arrays):
-    """Run a convolution kernel, with BLAS single-threaded inside its parallel region."""
-    threads = threads_for(p.flops // 2)
-    if threads == 1:  # no parallel region, and GEMMs below OpenBLAS's own threading threshold
+    """Run a convolution kernel, with BLAS single-threaded inside it (the thread setting is applied by the
+    kernel's own parallel region: BLAS must not add threads of its own, even on one thread)."""
+    if p.flops // 2 < SERIAL_WORK:  # no parallel region, and GEMMs below OpenBLAS's own threading threshold
         kernel(*arrays, p, 1)
         return
     with blas_threads(1):
-        kernel(*arrays, p, threads)
+        kernel(*arrays, p, threads_for(p.flops // 2))
 
 
 def conv2d_forward(x, w, b, p):
