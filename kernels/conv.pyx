@@ -34,6 +34,11 @@ cdef extern from "direct_conv.h" nogil:
                            int n_taps, const float* w, float* out)
     void direct_tile_double(const double* x, ptrdiff_t channel_stride, int channels, const ptrdiff_t* taps,
                             int n_taps, const double* w, double* out)
+    int WEIGHT_TAPS
+    void direct_weight_float(const float* gy, ptrdiff_t gy_channel_stride, const float* band, ptrdiff_t band_row,
+                             const ptrdiff_t* taps, int rows, int width, float* out)
+    void direct_weight_double(const double* gy, ptrdiff_t gy_channel_stride, const double* band,
+                              ptrdiff_t band_row, const ptrdiff_t* taps, int rows, int width, double* out)
 
 OPENMP = bool(FASTCONV_OPENMP)  # built with OpenMP; without it prange runs serially
 VECTOR_ISAS = ("avx512", "avx2", "none")  # the direct path's register tiles, best first ("none": GEMM only)
@@ -63,6 +68,10 @@ cdef Py_ssize_t BLOCK_BYTES = 1 << 20
 cdef int MIN_BLOCKS = 8
 # A direct unit's padded input rows are cut to stay in a core's L2 cache beside the weights.
 cdef Py_ssize_t BAND_BYTES = 1 << 19
+# The weight gradient goes direct only when its GEMM would be this narrow (C_in/G * KH * KW columns): a weight
+# tile sums over one plane's columns and then across its lanes, which pays on first layers (3 or 1 input
+# channels: 1.6-3.4x the GEMM path, measured) and loses to the GEMM on wider ones.
+cdef int DIRECT_WEIGHT_MAX_K = 64
 
 
 cdef struct Conv:
@@ -489,6 +498,15 @@ cdef void direct_unit(const floating* x, const floating* packed, const floating*
                 start += d.width
 
 
+cdef tap_offsets(const Conv* c, const Direct* d, int length):
+    """Where each kernel tap (kh, kw) reads in a padded band, relative to the output pixel; `length` long,
+    the taps past the real ones reading at offset 0 (their results are dropped)."""
+    offsets = np.zeros(length, np.intp)
+    offsets[:d.taps] = [kh * c.dilation_h * d.padded_width + kw * c.dilation_w
+                        for kh in range(c.kernel_h) for kw in range(c.kernel_w)]
+    return offsets
+
+
 cdef void direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, const floating* bias,
                  floating[:, :, :, ::1] y, const Conv* c, const Direct* d, bint flipped, int threads):
     """y = conv2d(x, w) + bias by the direct path; flipped: w is the weight of the convolution whose stride-1
@@ -496,8 +514,7 @@ cdef void direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
     dtype = np.asarray(y).dtype
     cdef floating[::1] packed = np.empty(c.groups * d.blocks * c.group_in * d.taps * d.channels, dtype)
     pack_weight(&w[0, 0, 0, 0], c, d, flipped, &packed[0])
-    cdef ptrdiff_t[::1] taps = np.array([kh * c.dilation_h * d.padded_width + kw * c.dilation_w
-                                         for kh in range(c.kernel_h) for kw in range(c.kernel_w)], np.intp)
+    cdef ptrdiff_t[::1] taps = tap_offsets(c, d, d.taps)
     # zeroed once: the slack past the band and the rows a short last band leaves stale are read by tiles
     # whose results are never stored, and must not hold signalling garbage
     cdef floating[:, ::1] workspace = np.zeros((threads, d.buffer + d.channels * d.width), dtype)
@@ -554,25 +571,95 @@ def backward_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1]
                              col, col + <Py_ssize_t>c.k * plan.columns)
 
 
+cdef void direct_weight_unit(const floating* gy, const floating* x, const Conv* c, const Direct* d,
+                             const ptrdiff_t* taps, int unit, floating* partial, floating* band, floating* gy_block,
+                             floating* sums) noexcept nogil:
+    """partial += the weight gradient of one unit (output rows [row, row + rows) of one image): its input
+    rows padded once per group, then a weight tile per (block of output channels, input channel, group of
+    WEIGHT_TAPS taps), its sums added in that order. A block short of d.channels channels is read from a
+    copy padded with zero channels, so no tile reads past grad_output."""
+    cdef int image = unit // d.bands, row = (unit % d.bands) * d.band_rows
+    cdef int rows = min(d.band_rows, c.out_h - row)
+    cdef int g, block, channels, ch, k, group, j, t
+    cdef Py_ssize_t plane = <Py_ssize_t>c.out_h * c.out_w, stride
+    cdef const floating* grads
+    cdef floating* dst
+    for g in range(c.groups):
+        pad_band(x + (<Py_ssize_t>image * c.channels + g * c.group_in) * c.height * c.width, c, d, row - c.pad_top,
+                 rows + d.halo, band)
+        for block in range(d.blocks):
+            channels = min(d.channels, c.group_out - block * d.channels)
+            grads = gy + ((<Py_ssize_t>image * c.out_channels + g * c.group_out + block * d.channels) * c.out_h
+                          + row) * c.out_w
+            stride = plane
+            if channels < d.channels:
+                stride = <Py_ssize_t>rows * c.out_w
+                for j in range(d.channels):
+                    if j < channels:
+                        memcpy(gy_block + j * stride, grads + j * plane, stride * sizeof(floating))
+                    else:
+                        memset(gy_block + j * stride, 0, stride * sizeof(floating))
+                grads = gy_block
+            for ch in range(c.group_in):
+                for k in range(ceil_div(d.taps, WEIGHT_TAPS)):
+                    group = k * WEIGHT_TAPS
+                    if floating is float:
+                        direct_weight_float(grads, stride, band + ch * d.channel_stride, d.padded_width,
+                                            taps + group, rows, c.out_w, sums)
+                    else:
+                        direct_weight_double(grads, stride, band + ch * d.channel_stride, d.padded_width,
+                                             taps + group, rows, c.out_w, sums)
+                    for j in range(channels):
+                        dst = partial + ((<Py_ssize_t>g * c.group_out + block * d.channels + j) * c.group_in + ch) * d.taps
+                        for t in range(min(WEIGHT_TAPS, d.taps - group)):
+                            dst[group + t] += sums[j * WEIGHT_TAPS + t]
+
+
+cdef void direct_weight_partials(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x, const Conv* c,
+                                 const Direct* d, floating[:, ::1] partials, int threads):
+    """partials[k] = the weight gradient of the k-th fixed run of units, by the direct path."""
+    cdef int chunks = partials.shape[0], units = c.batch * d.bands, chunk, unit
+    cdef ptrdiff_t[::1] taps = tap_offsets(c, d, ceil_div(d.taps, WEIGHT_TAPS) * WEIGHT_TAPS)
+    cdef Py_ssize_t block_size = <Py_ssize_t>d.channels * d.band_rows * c.out_w
+    cdef floating[:, ::1] workspace = np.zeros((threads, d.buffer + block_size + d.channels * WEIGHT_TAPS),
+                                               np.asarray(partials).dtype)
+    cdef floating* band
+    for chunk in prange(chunks, nogil=True, schedule="dynamic", num_threads=threads):
+        band = &workspace[omp_get_thread_num(), 0]
+        memset(&partials[chunk, 0], 0, partials.shape[1] * sizeof(floating))
+        for unit in range(chunk * units // chunks, (chunk + 1) * units // chunks):
+            direct_weight_unit(&gy[0, 0, 0, 0], &x[0, 0, 0, 0], c, d, &taps[0], unit, &partials[chunk, 0], band,
+                               band + d.buffer, band + d.buffer + block_size)
+
+
 def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x, floating[:, :, :, ::1] gw,
                     p, int threads):
-    """gw = the gradient of conv2d with respect to its weight: one partial per fixed run of blocks (never per
+    """gw = the gradient of conv2d with respect to its weight: one partial per fixed run of units (never per
     thread), the partials then added in their order."""
     cdef Conv c = geometry(p)
-    cdef Plan plan = make_plan(&c, sizeof(floating))
-    cdef int chunks = min(plan.blocks, MIN_BLOCKS), chunk, later
+    cdef Direct d
+    cdef Plan plan
+    cdef bint direct_path = direct_plan(&c, sizeof(floating), &d) and c.k < DIRECT_WEIGHT_MAX_K
+    if not direct_path:
+        plan = make_plan(&c, sizeof(floating))
+    cdef int units = c.batch * d.bands if direct_path else plan.blocks
+    cdef int chunks = min(units, MIN_BLOCKS), chunk, later
     cdef Py_ssize_t size = <Py_ssize_t>c.out_channels * c.k, e
     dtype = np.asarray(gw).dtype
     cdef floating[:, ::1] partials = np.empty((chunks, size), dtype)
-    cdef floating[:, ::1] workspace = np.empty((threads, (c.k + c.group_out) * plan.columns), dtype)
     cdef floating[::1] flat_gw = np.asarray(gw).reshape(-1)
+    cdef floating[:, ::1] workspace
     cdef floating* col
     cdef floating total
-    for chunk in prange(chunks, nogil=True, schedule="dynamic", num_threads=threads):
-        col = &workspace[omp_get_thread_num(), 0]
-        backward_weight_chunk(&gy[0, 0, 0, 0], &x[0, 0, 0, 0], &c, &plan, chunk * plan.blocks // chunks,
-                              (chunk + 1) * plan.blocks // chunks, &partials[chunk, 0], col,
-                              col + <Py_ssize_t>c.k * plan.columns)
+    if direct_path:
+        direct_weight_partials(gy, x, &c, &d, partials, threads)
+    else:
+        workspace = np.empty((threads, (c.k + c.group_out) * plan.columns), dtype)
+        for chunk in prange(chunks, nogil=True, schedule="dynamic", num_threads=threads):
+            col = &workspace[omp_get_thread_num(), 0]
+            backward_weight_chunk(&gy[0, 0, 0, 0], &x[0, 0, 0, 0], &c, &plan, chunk * plan.blocks // chunks,
+                                  (chunk + 1) * plan.blocks // chunks, &partials[chunk, 0], col,
+                                  col + <Py_ssize_t>c.k * plan.columns)
     for e in prange(size, nogil=True, schedule="static", num_threads=threads):
         total = partials[0, e]
         for later in range(1, chunks):

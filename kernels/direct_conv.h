@@ -3,21 +3,55 @@
  * neither exists (another architecture or compiler, an old CPU), direct_width() is 0 and conv.pyx uses its
  * im2col + GEMM path instead.
  *
- * A tile is direct_channels() output channels by direct_width() consecutive output positions of a row-padded
- * image (see conv.pyx); its accumulators fill most of the vector registers: 8 x 3 vectors of the 32 AVX-512
- * registers, 4 x 3 of the 16 AVX2 ones. Channel counts are mostly multiples of 8, so few tiles go to waste. */
+ * A forward tile is direct_channels() output channels by direct_width() consecutive output positions of a
+ * row-padded image (see conv.pyx); its accumulators fill most of the vector registers: 8 x 3 vectors of the
+ * 32 AVX-512 registers, 4 x 3 of the 16 AVX2 ones. Channel counts are mostly multiples of 8, so few tiles go
+ * to waste. A weight-gradient tile is direct_channels() output channels by WEIGHT_TAPS kernel taps, each
+ * accumulator a vector of partial sums over output columns. */
 #include <stddef.h>
 #include <string.h>
+
+#define WEIGHT_TAPS 3
 
 typedef void (*direct_tile_float_fn)(const float *, ptrdiff_t, int, const ptrdiff_t *, int, const float *, float *);
 typedef void (*direct_tile_double_fn)(const double *, ptrdiff_t, int, const ptrdiff_t *, int, const double *,
                                       double *);
+typedef void (*direct_weight_float_fn)(const float *, ptrdiff_t, const float *, ptrdiff_t, const ptrdiff_t *, int,
+                                       int, float *);
+typedef void (*direct_weight_double_fn)(const double *, ptrdiff_t, const double *, ptrdiff_t, const ptrdiff_t *,
+                                        int, int, double *);
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define DIRECT_X86 1
 
+__attribute__((target("avx2,fma"))) static inline __m256 load_first_float_avx2(const float *p, int n)
+{
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+
+__attribute__((target("avx2,fma"))) static inline __m256d load_first_double_avx2(const double *p, int n)
+{
+    return _mm256_maskload_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3)));
+}
+
+__attribute__((target("avx2,fma"))) static inline float sum_float_avx2(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+__attribute__((target("avx2,fma"))) static inline double sum_double_avx2(__m256d v)
+{
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+
 #define TILE_NAME tile_float_avx512
+#define TILE_WEIGHT_NAME weight_float_avx512
+#define TILE_LOAD_FIRST(p, n) _mm512_maskz_loadu_ps((__mmask16)((1u << (n)) - 1), (p))
+#define TILE_SUM _mm512_reduce_add_ps
 #define TILE_T float
 #define TILE_VEC __m512
 #define TILE_LANES 16
@@ -32,6 +66,9 @@ typedef void (*direct_tile_double_fn)(const double *, ptrdiff_t, int, const ptrd
 #include "direct_tile.h"
 
 #define TILE_NAME tile_double_avx512
+#define TILE_WEIGHT_NAME weight_double_avx512
+#define TILE_LOAD_FIRST(p, n) _mm512_maskz_loadu_pd((__mmask8)((1u << (n)) - 1), (p))
+#define TILE_SUM _mm512_reduce_add_pd
 #define TILE_T double
 #define TILE_VEC __m512d
 #define TILE_LANES 8
@@ -46,6 +83,9 @@ typedef void (*direct_tile_double_fn)(const double *, ptrdiff_t, int, const ptrd
 #include "direct_tile.h"
 
 #define TILE_NAME tile_float_avx2
+#define TILE_WEIGHT_NAME weight_float_avx2
+#define TILE_LOAD_FIRST(p, n) load_first_float_avx2((p), (n))
+#define TILE_SUM sum_float_avx2
 #define TILE_T float
 #define TILE_VEC __m256
 #define TILE_LANES 8
@@ -60,6 +100,9 @@ typedef void (*direct_tile_double_fn)(const double *, ptrdiff_t, int, const ptrd
 #include "direct_tile.h"
 
 #define TILE_NAME tile_double_avx2
+#define TILE_WEIGHT_NAME weight_double_avx2
+#define TILE_LOAD_FIRST(p, n) load_first_double_avx2((p), (n))
+#define TILE_SUM sum_double_avx2
 #define TILE_T double
 #define TILE_VEC __m256d
 #define TILE_LANES 4
@@ -78,9 +121,11 @@ static struct {
     const char *name;
     direct_tile_float_fn tile_float;
     direct_tile_double_fn tile_double;
+    direct_weight_float_fn weight_float;
+    direct_weight_double_fn weight_double;
     int channels;                   /* output channels per tile */
     int width_float, width_double;  /* output positions per tile */
-} direct_isa = {"none", NULL, NULL, 0, 0, 0};
+} direct_isa = {"none", NULL, NULL, NULL, NULL, 0, 0, 0};
 
 /* 1 if the CPU runs the named tiles ("avx512", "avx2" or "none"); they are then the ones used. */
 static int direct_select(const char *name)
@@ -88,6 +133,7 @@ static int direct_select(const char *name)
     if (strcmp(name, "none") == 0) {
         direct_isa.name = "none";
         direct_isa.tile_float = NULL, direct_isa.tile_double = NULL;
+        direct_isa.weight_float = NULL, direct_isa.weight_double = NULL;
         direct_isa.channels = direct_isa.width_float = direct_isa.width_double = 0;
         return 1;
     }
@@ -96,12 +142,14 @@ static int direct_select(const char *name)
     if (strcmp(name, "avx512") == 0 && __builtin_cpu_supports("avx512f")) {
         direct_isa.name = "avx512";
         direct_isa.tile_float = tile_float_avx512, direct_isa.tile_double = tile_double_avx512;
+        direct_isa.weight_float = weight_float_avx512, direct_isa.weight_double = weight_double_avx512;
         direct_isa.channels = 8, direct_isa.width_float = 48, direct_isa.width_double = 24;
         return 1;
     }
     if (strcmp(name, "avx2") == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         direct_isa.name = "avx2";
         direct_isa.tile_float = tile_float_avx2, direct_isa.tile_double = tile_double_avx2;
+        direct_isa.weight_float = weight_float_avx2, direct_isa.weight_double = weight_double_avx2;
         direct_isa.channels = 4, direct_isa.width_float = 24, direct_isa.width_double = 12;
         return 1;
     }
@@ -125,4 +173,16 @@ static void direct_tile_double(const double *x, ptrdiff_t channel_stride, int ch
                                int n_taps, const double *w, double *out)
 {
     direct_isa.tile_double(x, channel_stride, channels, taps, n_taps, w, out);
+}
+
+static void direct_weight_float(const float *gy, ptrdiff_t gy_channel_stride, const float *band, ptrdiff_t band_row,
+                                const ptrdiff_t *taps, int rows, int width, float *out)
+{
+    direct_isa.weight_float(gy, gy_channel_stride, band, band_row, taps, rows, width, out);
+}
+
+static void direct_weight_double(const double *gy, ptrdiff_t gy_channel_stride, const double *band, ptrdiff_t band_row,
+                                 const ptrdiff_t *taps, int rows, int width, double *out)
+{
+    direct_isa.weight_double(gy, gy_channel_stride, band, band_row, taps, rows, width, out);
 }

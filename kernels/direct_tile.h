@@ -1,7 +1,10 @@
-/* One register tile of the direct convolution, included by direct_conv.h once per (type, ISA) with TILE_NAME,
- * TILE_T (float or double), TILE_VEC, TILE_LANES, TILE_CHANNELS, TILE_VECTORS, TILE_TARGET and the intrinsics
- * TILE_LOAD (unaligned), TILE_STORE (unaligned), TILE_BROADCAST, TILE_FMA (a * b + c) and TILE_ZERO defined.
+/* The register tiles of the direct convolution, included by direct_conv.h once per (type, ISA) with TILE_NAME,
+ * TILE_WEIGHT_NAME, TILE_T (float or double), TILE_VEC, TILE_LANES, TILE_CHANNELS, TILE_VECTORS, TILE_TARGET and
+ * the intrinsics TILE_LOAD (unaligned), TILE_LOAD_FIRST (the first n < TILE_LANES lanes, zeros elsewhere, no
+ * memory touched beyond them), TILE_STORE (unaligned), TILE_BROADCAST, TILE_FMA (a * b + c), TILE_ZERO and
+ * TILE_SUM (of the lanes, in a fixed order) defined.
  *
+ * The forward tile, TILE_NAME:
  * out[c][j] = sum over channels ch, then taps t, of w[(ch * n_taps + t) * TILE_CHANNELS + c]
  *             * x[ch * channel_stride + taps[t] + j]
  * for the TILE_CHANNELS output channels c and the TILE_VECTORS * TILE_LANES positions j: every accumulator stays
@@ -30,7 +33,41 @@ static void TILE_NAME(const TILE_T *x, ptrdiff_t channel_stride, int channels, c
             TILE_STORE(out + (c * TILE_VECTORS + v) * TILE_LANES, acc[c][v]);
 }
 
+/* The weight-gradient tile, TILE_WEIGHT_NAME:
+ * out[c * WEIGHT_TAPS + t] = sum over rows r < rows and columns j < width of
+ *                            gy[c * gy_channel_stride + r * width + j] * band[taps[t] + r * band_row + j]
+ * for the TILE_CHANNELS output channels c and WEIGHT_TAPS taps t: each lane sums its own columns in row order,
+ * then the lanes are summed. Only real output columns are read (a masked load finishes a row), so an inf
+ * in the padded input never meets a zero that PyTorch would not multiply it by. */
+__attribute__((target(TILE_TARGET)))
+static void TILE_WEIGHT_NAME(const TILE_T *gy, ptrdiff_t gy_channel_stride, const TILE_T *band, ptrdiff_t band_row,
+                             const ptrdiff_t *taps, int rows, int width, TILE_T *out)
+{
+    TILE_VEC acc[TILE_CHANNELS][WEIGHT_TAPS];
+    _Pragma("GCC unroll 8") for (int c = 0; c < TILE_CHANNELS; c++)
+        _Pragma("GCC unroll 4") for (int t = 0; t < WEIGHT_TAPS; t++) acc[c][t] = TILE_ZERO();
+    for (int r = 0; r < rows; r++, gy += width, band += band_row) {
+        for (int j = 0; j < width; j += TILE_LANES) {
+            int lanes = width - j;
+            TILE_VEC in[WEIGHT_TAPS];
+            _Pragma("GCC unroll 4") for (int t = 0; t < WEIGHT_TAPS; t++)
+                in[t] = lanes >= TILE_LANES ? TILE_LOAD(band + taps[t] + j) : TILE_LOAD_FIRST(band + taps[t] + j, lanes);
+            _Pragma("GCC unroll 8") for (int c = 0; c < TILE_CHANNELS; c++) {
+                const TILE_T *g = gy + c * gy_channel_stride + j;
+                TILE_VEC grad = lanes >= TILE_LANES ? TILE_LOAD(g) : TILE_LOAD_FIRST(g, lanes);
+                _Pragma("GCC unroll 4") for (int t = 0; t < WEIGHT_TAPS; t++)
+                    acc[c][t] = TILE_FMA(grad, in[t], acc[c][t]);
+            }
+        }
+    }
+    _Pragma("GCC unroll 8") for (int c = 0; c < TILE_CHANNELS; c++)
+        _Pragma("GCC unroll 4") for (int t = 0; t < WEIGHT_TAPS; t++) out[c * WEIGHT_TAPS + t] = TILE_SUM(acc[c][t]);
+}
+
 #undef TILE_NAME
+#undef TILE_WEIGHT_NAME
+#undef TILE_LOAD_FIRST
+#undef TILE_SUM
 #undef TILE_T
 #undef TILE_VEC
 #undef TILE_LANES
