@@ -277,18 +277,20 @@ class _Unfolding:
         """The unit's weight gradient, (G, KH, C_out/G, C_in/G, KW), from the columns of one kernel row:
         kernel row kh pairs output pixel (r, c) with column pixel (r + kh * dilation, c), so one GEMM of
         grad_output stacked KH times, each copy shifted down by its kernel row's rows (zeros elsewhere),
-        with the columns' transpose gives every kernel row at once."""
+        with the columns' transpose gives every kernel row at once. x must be finite: the zeros meet every
+        column pixel, and 0 * inf would be a NaN that PyTorch does not have."""
         p = self.p
         cols = self.unfold_kernel_row(x, images, rows)
         groups, nb, rows_n, width = p.groups, cols.shape[2], rows.stop - rows.start, self.row_width
-        cols.reshape(*cols.shape[:3], -1, width)[..., p.out_width:] = 0  # met only by grad_output's zeros
         stacked = self.out[:p.kernel_height * p.out_channels * nb * cols.shape[3]].reshape(
             groups, p.kernel_height, -1, nb, rows_n + self.span, width)
-        stacked[...] = 0
         gy_unit = gy[images, :, rows].transpose(1, 0, 2, 3).reshape(groups, -1, nb, rows_n, p.out_width)
         for kh in range(p.kernel_height):
-            shift = kh * p.dilation[0]
-            stacked[:, kh, :, :, shift:shift + rows_n, :p.out_width] = gy_unit
+            shift, copy = kh * p.dilation[0], stacked[:, kh]
+            copy[..., :shift, :] = 0
+            copy[..., shift + rows_n:, :] = 0
+            copy[..., shift:shift + rows_n, :p.out_width] = gy_unit
+            copy[..., shift:shift + rows_n, p.out_width:] = 0
         products = stacked.reshape(groups, -1, nb * cols.shape[3]) @ cols.reshape(groups, -1, nb * cols.shape[3]).transpose(0, 2, 1)
         return products.reshape(groups, p.kernel_height, -1, p.in_channels // groups, p.kernel_width)
 
