@@ -41,9 +41,10 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
         raise ValueError(f"bias must have shape ({p.out_channels},) for weight {w.shape}, got {b.shape}")
     if p.batch == 0:
         return np.zeros(p.output_shape, dtype)
-    impl = dispatch.backend_for("conv2d_forward", p, dtype, backend)
+    x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
     b = None if b is None else np.ascontiguousarray(b)
-    return impl.conv2d_forward(np.ascontiguousarray(x), np.ascontiguousarray(w), b, p)
+    impl = dispatch.backend_for("conv2d_forward", p, dtype, backend, lambda m: m.conv2d_forward(x, w, b, p))
+    return impl.conv2d_forward(x, w, b, p)
 
 
 def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1, groups=1, *,
@@ -64,13 +65,17 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     gy = np.ascontiguousarray(gy)
     grad_input = grad_weight = grad_bias = None
     if want_input:
+        w = np.ascontiguousarray(w)
         grad_input = (np.zeros(p.input_shape, dtype) if p.batch == 0 else
-                      dispatch.backend_for("conv2d_backward_input", p, dtype, backend)
-                      .conv2d_backward_input(gy, np.ascontiguousarray(w), p))
+                      dispatch.backend_for("conv2d_backward_input", p, dtype, backend,
+                                           lambda m: m.conv2d_backward_input(gy, w, p))
+                      .conv2d_backward_input(gy, w, p))
     if want_weight:
+        x = np.ascontiguousarray(x)
         grad_weight = (np.zeros(p.weight_shape, dtype) if p.batch == 0 else
-                       dispatch.backend_for("conv2d_backward_weight", p, dtype, backend)
-                       .conv2d_backward_weight(gy, np.ascontiguousarray(x), p))
+                       dispatch.backend_for("conv2d_backward_weight", p, dtype, backend,
+                                            lambda m: m.conv2d_backward_weight(gy, x, p))
+                       .conv2d_backward_weight(gy, x, p))
     if want_bias:
         # Summed in float64: N*H_out*W_out terms per channel is a long float32 sum.
         grad_bias = gy.sum(axis=(0, 2, 3), dtype=np.float64).astype(dtype)
@@ -89,8 +94,9 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     if p.batch == 0:
         y, indices = np.zeros(p.output_shape, dtype), np.zeros(p.output_shape, np.int64)
     else:
-        impl = dispatch.backend_for("max_pool2d_forward", p, dtype, backend)
-        y, indices = impl.max_pool2d_forward(np.ascontiguousarray(x), p)
+        x = np.ascontiguousarray(x)
+        impl = dispatch.backend_for("max_pool2d_forward", p, dtype, backend, lambda m: m.max_pool2d_forward(x, p))
+        y, indices = impl.max_pool2d_forward(x, p)
     return (y, indices) if return_indices else y
 
 
@@ -101,6 +107,7 @@ def max_pool2d_backward(grad_output, indices, input_shape, *, backend=None):
     input_shape = check_pool_backward(gy, idx, input_shape)
     if input_shape[0] == 0:
         return np.zeros(input_shape, gy.dtype)
-    impl = dispatch.backend_for("max_pool2d_backward", input_shape, gy.dtype, backend)
-    return impl.max_pool2d_backward(np.ascontiguousarray(gy), np.ascontiguousarray(idx, dtype=np.int64),
-                                    input_shape)
+    gy, idx = np.ascontiguousarray(gy), np.ascontiguousarray(idx, dtype=np.int64)
+    impl = dispatch.backend_for("max_pool2d_backward", input_shape, gy.dtype, backend,
+                                lambda m: m.max_pool2d_backward(gy, idx, input_shape))
+    return impl.max_pool2d_backward(gy, idx, input_shape)

@@ -16,6 +16,13 @@ def info(args):
     print(f"fastconv {fastconv.__version__}, Python {platform.python_version()}, NumPy {np.__version__}")
     print(f"machine: {platform.machine()}, threads in use: {fastconv.get_num_threads()}")
     print(f"default backend: {fastconv.get_backend()}")
+    from fastconv import autotune
+
+    if autotune.measuring():
+        print(f"auto: measured once per call shape, {len(autotune.remembered())} choices remembered in "
+              f"{autotune.cache_path()} (FASTCONV_AUTO=fixed: the fixed order)")
+    else:
+        print(f"auto: the fixed order {', '.join(dispatch.PREFERENCE)} (FASTCONV_AUTO=fixed)")
     for name, error in fastconv.backend_status().items():
         if error is None:
             describe = getattr(dispatch.load(name), "describe", None)

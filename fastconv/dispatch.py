@@ -13,7 +13,12 @@ import os
 import threading
 from dataclasses import dataclass
 
-# `auto`, until a measured choice exists: the first of these that is available and supports the call.
+import numpy as np
+
+from .threads import get_num_threads
+
+# `auto` without a measured choice (FASTCONV_AUTO=fixed, tiny problems, a single candidate): the first of
+# these that is available and supports the call. With one, the fastest of them but naive (autotune.py).
 PREFERENCE = ("cython", "numba", "im2col", "naive")
 
 
@@ -27,7 +32,7 @@ class _Entry:
 
 
 _registry: dict[str, _Entry] = {}
-_choices: dict = {}  # (op, params, dtype, requested) -> backend name, so a repeated call skips the choice
+_choices: dict = {}  # (op, params, dtype, requested, threads) -> backend name: a repeated call skips the choice
 _MAX_CHOICES = 4096
 _lock = threading.Lock()
 
@@ -136,16 +141,33 @@ def use_backend(name: str):
 
 
 
-def backend_for(op, params, dtype, backend=None):
-    """The backend module that runs `op` for this call (`backend`: a name, or None for the default)."""
+def _measured_choice(op, params, dtype, supports, trial):
+    """autotune's choice among the fast backends that can serve the call, or None where `auto` keeps the
+    fixed order (measuring off, a tiny problem, fewer than two candidates)."""
+    from . import autotune  # imported on the first choice, not with fastconv
+
+    if not autotune.measuring() or not autotune.worth_measuring(params):
+        return None
+    candidates = [name for name in PREFERENCE
+                  if name != "naive" and name in supports and supports[name](op, params, dtype) is None]
+    if len(candidates) < 2:
+        return None
+    return autotune.choose(op, params, np.dtype(dtype).name, candidates, lambda name: trial(_registry[name].module))
+
+
+def backend_for(op, params, dtype, backend=None, trial=None):
+    """The backend module that runs `op` for this call (`backend`: a name, or None for the default).
+    trial(module) runs the same call with another backend: with it, `auto` can measure which is fastest."""
     requested = get_backend() if backend is None else backend
-    key = (op, params, dtype, requested)
+    key = (op, params, dtype, requested, get_num_threads())
     name = _choices.get(key)
     if name is None:
         if requested != "auto":
             _check_name(requested)
         supports = {n: load(n).supports for n in available_backends()}
         name = select_backend(op, params, dtype, requested, supports)
+        if requested == "auto" and trial is not None:
+            name = _measured_choice(op, params, dtype, supports, trial) or name
         if len(_choices) >= _MAX_CHOICES:
             _choices.clear()
         _choices[key] = name

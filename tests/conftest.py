@@ -1,6 +1,14 @@
+import os
+import tempfile
+
 import pytest
 
-import fastconv
+# `auto` keeps the fixed preference order in the tests (results do not hang on a timing), and a measured
+# choice never lands in the user's cache: test_autotune.py turns measuring on where it tests it.
+os.environ["FASTCONV_AUTO"] = "fixed"
+os.environ["FASTCONV_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastconv-test-cache-")
+
+import fastconv  # noqa: E402
 
 # Backends that must load on the project's machines: a failure to load is a test failure, not a skip.
 EXPECTED_BACKENDS = ("naive", "im2col", "numba", "cython")
