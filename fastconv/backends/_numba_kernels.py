@@ -24,7 +24,7 @@ from numba import njit, prange
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 TAPS_FORWARD = 6  # taps per block in the forward/input-gradient kernel (see _block)
 TAPS_WEIGHT = 3  # taps per block in the weight-gradient kernel
-ROWS_PER_TILE = 2048  # output elements (whole rows) accumulated at once; small planes fold images to fill it
+ROWS_PER_TILE = 2048  # output elements (whole rows) accumulated at once at most; small planes fold images to fill it
 WEIGHT_CHUNK = 4  # images per weight-gradient partial sum: fixed, so results do not depend on threads
 
 jit = njit(parallel=True, nogil=True, fastmath=FASTMATH, cache=True)
@@ -91,19 +91,20 @@ def _block(acc, img, offsets, weights, co, k, n):
 
 
 @jit
-def correlate(source, weights, offsets, bias, out, row, fold):
+def correlate(source, weights, offsets, bias, out, row, fold, tile_elements):
     """out[m*fold + b, g*Cg + co, oh, ow] = bias[..] + sum_k weights[g, co, k] *
     source[m, offsets[g, k] + oh*row + b*(row // fold) + ow]: `fold` images side by side in each source row.
 
     weights (G, Cg rounded up to 4, K rounded up to TAPS_FORWARD) and offsets (G, K rounded up) come packed from
-    the wrapper. Work items are (source image, group, block of 4 output channels, tile of output rows): both
-    cores stay busy at batch 1, and each output is written by one item, so the thread count never matters."""
+    the wrapper. Work items are (source image, group, block of 4 output channels, tile of output rows of about
+    tile_elements outputs): both cores stay busy at batch 1, and each output is written by one item, so the
+    thread count never matters."""
     n_img, out_channels, out_h, out_w = out.shape
     groups, rows_padded, taps = weights.shape
     per_group = out_channels // groups
     segment = row // fold
     blocks = rows_padded // 4
-    tiles = -(-out_h * row // ROWS_PER_TILE)
+    tiles = -(-out_h * row // tile_elements)
     tile_rows = -(-out_h // tiles)  # tiles of equal height: balanced work items
     tiles = -(-out_h // tile_rows)
     for item in prange(source.shape[0] * groups * blocks * tiles):
