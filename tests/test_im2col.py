@@ -45,8 +45,9 @@ def test_every_unit_size_matches_oracle(workspace_limit, case):
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_forward_workspace_does_not_grow_with_batch(stride):
-    """Peak memory traced beyond the output stays under the column cap plus one padded chunk, for a
-    batch of 8 and of 32 alike."""
+    """Peak memory traced beyond the output stays under the column cap plus one padded chunk per worker,
+    for a batch of 32 and of 96 alike (the input alone grows by 2.2 MiB between them). The two peaks are
+    not compared with each other: whether both workers' workspaces are alive at once is a matter of timing."""
     limit = 1 << 20
     before = im2col._workspace["limit"]
     im2col.set_workspace_limit(limit)
@@ -54,7 +55,6 @@ def test_forward_workspace_does_not_grow_with_batch(stride):
         # once first: the worker threads' and NumPy's one-time allocations are not the workspace
         fastconv.conv2d(np.ones((4, 16, 24, 24), np.float32), np.ones((16, 16, 3, 3), np.float32), padding=1,
                         stride=stride, backend="im2col")
-        extra = []
         for batch in (32, 96):
             x, w = np.ones((batch, 16, 24, 24), np.float32), np.ones((16, 16, 3, 3), np.float32)
             tracemalloc.start()
@@ -62,8 +62,6 @@ def test_forward_workspace_does_not_grow_with_batch(stride):
             peak = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
             padded_chunk = limit // 9  # the input rows behind one unit of columns, padded
-            extra.append(peak - y.nbytes)
-            assert extra[-1] <= limit + 2 * padded_chunk + 64 * 1024
-        assert extra[1] <= extra[0] * 1.1 + 64 * 1024
+            assert peak - y.nbytes <= limit + 2 * padded_chunk + 64 * 1024, batch
     finally:
         im2col.set_workspace_limit(before)
