@@ -1,9 +1,9 @@
 """The Cython backend: compiled kernels from kernels/*.pyx (built by setup.py into fastconv/backends/_*.so).
 
-Convolutions: stride 1 (forward and input gradient) as a direct convolution with AVX-512 or AVX2 register
-tiles picked from the CPU at run time; the rest as im2col of a block of work (a few images, or a band of rows
-of one image) into a per-thread buffer, then single-threaded BLAS GEMMs (scipy.linalg.cython_blas); the
-blocks run in parallel under OpenMP.
+Convolutions: stride 1 (forward, input gradient, and the weight gradient of narrow layers) as a direct
+convolution with AVX-512 or AVX2 register tiles picked from the CPU at run time; the rest as im2col of a block
+of work (a few images, or a band of rows of one image) into a per-thread buffer, then single-threaded BLAS
+GEMMs (scipy.linalg.cython_blas); the blocks run in parallel under OpenMP.
 Max-pooling: parallel over the N*C planes. Results are bitwise identical with any thread count.
 
 BLAS is kept single-threaded inside the parallel regions: a convolution call limits every loaded BLAS
