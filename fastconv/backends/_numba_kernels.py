@@ -24,7 +24,6 @@ from numba import njit, prange
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 TAPS_FORWARD = 6  # taps per block in the forward/input-gradient kernel (see _block)
 TAPS_WEIGHT = 3  # taps per block in the weight-gradient kernel
-ROWS_PER_TILE = 2048  # output elements (whole rows) accumulated at once at most; small planes fold images to fill it
 WEIGHT_CHUNK = 4  # images per weight-gradient partial sum: fixed, so results do not depend on threads
 
 jit = njit(parallel=True, nogil=True, fastmath=FASTMATH, cache=True)

@@ -74,6 +74,7 @@ def _packed_weights(w, groups, taps_multiple):
     return packed
 
 
+ROWS_PER_TILE = 2048  # output elements (whole rows) of one work item at most; small planes fold images to fill it
 # A tile's input (a run of every input channel of a group) should stay in a core's L2 cache: each of the
 # tile's blocks of output channels reads all of it again. Measured: 1.2-1.5x on the suite's 1x1 layer and
 # 1.1x on its 8x8 one, the others unchanged (counting stride phases too made the stride-2 layer slower).
@@ -84,10 +85,10 @@ def _tile_elements(channels_per_group, itemsize):
     """Outputs per work item: ROWS_PER_TILE, or fewer where that many of every input channel would not fit
     TILE_INPUT_BYTES (wide layers), but never fewer than a quarter of it."""
     fitting = TILE_INPUT_BYTES // (channels_per_group * itemsize)
-    return max(kernels.ROWS_PER_TILE // 4, min(kernels.ROWS_PER_TILE, fitting))
+    return max(ROWS_PER_TILE // 4, min(ROWS_PER_TILE, fitting))
 
 
-def _fold(batch, out_height, row, tile_elements=kernels.ROWS_PER_TILE):
+def _fold(batch, out_height, row, tile_elements=ROWS_PER_TILE):
     """How many images to put side by side in each source row: enough for runs of about tile_elements."""
     return max(1, min(batch, tile_elements // (out_height * row)))
 
