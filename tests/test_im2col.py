@@ -65,3 +65,35 @@ def test_forward_workspace_does_not_grow_with_batch(stride):
             assert peak - y.nbytes <= limit + 2 * padded_chunk + 64 * 1024, batch
     finally:
         im2col.set_workspace_limit(before)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, stride", [
+    ((4, 32, 12, 12), (32, 32, 1, 1), 1),  # pointwise: a plain GEMM per unit
+    ((1, 64, 16, 16), (64, 64, 1, 1), 1),  # ... batch 1: bands of rows
+    ((4, 16, 20, 20), (16, 16, 3, 3), 1),  # row-shifted
+    ((1, 16, 20, 20), (16, 16, 3, 3), 1),  # ... batch 1
+    ((4, 16, 20, 20), (16, 16, 3, 3), 2),  # im2col, strided (its input gradient folds)
+])
+def test_blas_never_runs_on_its_own_threads(monkeypatch, x_shape, w_shape, stride):
+    """Above the serial cut, with 2 threads, every unit's GEMM runs on a worker with a single-threaded BLAS:
+    OpenBLAS's own threads keep spinning after a call and would slow whatever runs next."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    seen = []
+
+    def spy(function):
+        def call(*args):
+            seen.append(max(pool["num_threads"] for pool in threadpoolctl.threadpool_info()
+                            if pool["user_api"] == "blas"))
+            return function(*args)
+        return call
+
+    # each unit starts with one of these, just before its GEMM
+    monkeypatch.setattr(im2col, "_pointwise_matrices", spy(im2col._pointwise_matrices))
+    for name in ("unfold", "unfold_kernel_row", "columns"):
+        monkeypatch.setattr(im2col._Unfolding, name, spy(getattr(im2col._Unfolding, name)))
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    with fastconv.threads(2):
+        y = fastconv.conv2d(x, w, stride=stride, padding=w_shape[2] // 2, backend="im2col")
+        fastconv.conv2d_backward(y, x, w, stride=stride, padding=w_shape[2] // 2, backend="im2col")
+    assert seen and max(seen) == 1, seen

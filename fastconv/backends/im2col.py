@@ -94,14 +94,14 @@ def _group_matrices(a, groups, columns):
 
 
 def _blas_limit(p, n):
-    """BLAS limited to n threads for a serial unit loop or a pointwise GEMM; tiny problems leave BLAS alone
+    """BLAS limited to n threads for a serial unit loop; tiny problems leave BLAS alone
     (OpenBLAS runs GEMMs that small on one thread anyway, and the limit costs microseconds)."""
     return blas_threads(n) if p.flops // 2 >= SERIAL_WORK else contextlib.nullcontext()
 
 
-def _plan(p, itemsize, workers, row_shifted):
-    """Units of work, (image slice, output-row slice), grouped by image when they are row bands (bands of
-    one image add into overlapping rows of its input gradient, so one worker takes them in turn)."""
+def _plan(p, itemsize, workers, row_shifted, folds):
+    """Units of work, (image slice, output-row slice), in groups that one worker takes in turn: bands of
+    rows of one image are grouped when the work folds (col2im adds them into overlapping input rows)."""
     row_width = p.padded_width if p.stride == (1, 1) else p.out_width
     span, per_row = 0, p.in_channels * p.kernel_height * p.kernel_width * row_width * itemsize
     if row_shifted:  # columns of one kernel row and products of every kernel row, over `span` rows more
@@ -112,25 +112,32 @@ def _plan(p, itemsize, workers, row_shifted):
         rows_fit = min(rows_fit, -(-p.out_height // workers))
     if rows_fit < p.out_height:
         rows_fit = -(-p.out_height // -(-p.out_height // rows_fit))  # bands of equal height
-        return [[(slice(n, n + 1), slice(r, min(r + rows_fit, p.out_height)))
-                 for r in range(0, p.out_height, rows_fit)] for n in range(p.batch)]
+        bands = [[(slice(n, n + 1), slice(r, min(r + rows_fit, p.out_height)))
+                  for r in range(0, p.out_height, rows_fit)] for n in range(p.batch)]
+        return bands if folds else [[unit] for image in bands for unit in image]
     images = max(1, min(-(-p.batch // workers), rows_fit // p.out_height))  # every worker gets a unit
     return [[(slice(n, min(n + images, p.batch)), slice(0, p.out_height))] for n in range(0, p.batch, images)]
 
 
-def _for_each_unit(p, dtype, work, row_shifted=False):
+def _for_each_unit(p, dtype, work, row_shifted=False, folds=False, workspace=True):
     """work(unfolding, index, unit) for every unit, in parallel over groups of units; each worker thread
-    owns one _Unfolding (its workspace, for im2col or for the row-shifted path). Units are numbered in
-    order; claimed in order."""
+    owns one _Unfolding (its workspace, for im2col or for the row-shifted path; None without `workspace`).
+    Units are numbered in order; claimed in order. BLAS runs single-threaded inside the workers: OpenBLAS's
+    own threads would keep spinning for a while after each call and slow whatever runs next (measured:
+    2-3x on the next millisecond-long kernel of another library)."""
     workers = threads_for(p.flops // 2)
-    groups = _plan(p, np.dtype(dtype).itemsize, workers, row_shifted)
+    groups = _plan(p, np.dtype(dtype).itemsize, workers, row_shifted, folds)
     numbered, index = [], 0
     for group in groups:
         numbered.append([(index + k, unit) for k, unit in enumerate(group)])
         index += len(group)
     largest = max((u for g in groups for u in g), key=lambda u: (u[0].stop - u[0].start) * (u[1].stop - u[1].start))
+
+    def new_unfolding():
+        return _Unfolding(p, dtype, largest, row_shifted) if workspace else None
+
     if workers == 1 or len(groups) == 1:
-        unfolding = _Unfolding(p, dtype, largest, row_shifted)
+        unfolding = new_unfolding()
         with _blas_limit(p, get_num_threads()):
             for group in numbered:
                 for index, unit in group:
@@ -139,7 +146,7 @@ def _for_each_unit(p, dtype, work, row_shifted=False):
     claim, lock = iter(numbered), threading.Lock()
 
     def worker():
-        unfolding = _Unfolding(p, dtype, largest, row_shifted)
+        unfolding = new_unfolding()
         while True:
             with lock:
                 group = next(claim, None)
@@ -330,20 +337,24 @@ class _Unfolding:
             dst[:, :, in_rows, in_cols] += dcols[:, kh, kw, :, i_lo:i_hi, j_lo:j_hi]
 
 
-def _pointwise_matrices(a, p, channels):
-    """(N, C, H, W) -> (N, groups, C/groups, H*W): the per-image, per-group matrices of a 1x1 convolution."""
-    return a.reshape(p.batch, p.groups, channels // p.groups, -1)
+def _pointwise_matrices(a, p, unit):
+    """A unit's (images, :, rows) of a (N, C, H, W) array as (images, groups, C/groups, rows*W): the
+    per-image, per-group matrices of a 1x1 convolution. A view (the rows span whole widths), so it can
+    take a GEMM's output."""
+    images, rows = unit
+    return a[images, :, rows].reshape(images.stop - images.start, p.groups, a.shape[1] // p.groups, -1)
 
 
 def conv2d_forward(x, w, b, p):
     y = np.empty(p.output_shape, x.dtype)
     wg = _group_matrices(w, p.groups, w[0].size)
     if _is_pointwise(p):
-        xg, yg = _pointwise_matrices(x, p, p.in_channels), _pointwise_matrices(y, p, p.out_channels)
-        with _blas_limit(p, get_num_threads()):
-            np.matmul(wg, xg, out=yg)
-        if b is not None:
-            y += b[:, None, None]
+        def work(unfolding, index, unit):
+            np.matmul(wg, _pointwise_matrices(x, p, unit), out=_pointwise_matrices(y, p, unit))
+            if b is not None:
+                y[unit[0], :, unit[1]] += b[:, None, None]
+
+        _for_each_unit(p, x.dtype, work, workspace=False)
         return y
 
     if _row_shifted(p):
@@ -386,14 +397,17 @@ def _grad_output_unit(unfolding, gy, images, rows):
 
 def conv2d_backward_weight(gy, x, p):
     gw = np.zeros(p.weight_shape, gy.dtype)
-    if _is_pointwise(p):
-        xg, gyg = _pointwise_matrices(x, p, p.in_channels), _pointwise_matrices(gy, p, p.out_channels)
-        gwg = _group_matrices(gw, p.groups, gw[0].size)
-        with _blas_limit(p, get_num_threads()):
-            for n in range(p.batch):  # one partial per image, added in image order
-                gwg += gyg[n] @ xg[n].transpose(0, 2, 1)
-        return gw
     total = _InOrder(gw)
+    if _is_pointwise(p):
+        def work(unfolding, index, unit):
+            xg, gyg = _pointwise_matrices(x, p, unit), _pointwise_matrices(gy, p, unit)
+            partial = gyg[0] @ xg[0].transpose(0, 2, 1)
+            for n in range(1, len(xg)):  # image by image: no (images, C_out, C_in) temporary
+                partial += gyg[n] @ xg[n].transpose(0, 2, 1)
+            total.add(index, partial.reshape(p.weight_shape))
+
+        _for_each_unit(p, x.dtype, work, workspace=False)
+        return gw
     # Row-shifted pairs every input pixel of a unit with grad_output, zeros included, so an inf in x would
     # turn into NaN where PyTorch has none: such inputs (rare; a sum finds them) take the im2col path.
     if _row_shifted(p) and np.isfinite(x.sum()):
@@ -425,15 +439,9 @@ def _flipped_transposed(w, groups):
 
 def conv2d_backward_input(gy, w, p):
     as_forward = p.input_gradient_as_forward()
-    if as_forward is not None and not _is_pointwise(p):  # one GEMM shape for both directions, no col2im
+    if as_forward is not None:  # one GEMM shape for both directions, no col2im
         return conv2d_forward(gy, _flipped_transposed(w, p.groups), None, as_forward)
     wg = _group_matrices(w, p.groups, w[0].size)
-    if _is_pointwise(p):
-        gx = np.empty(p.input_shape, gy.dtype)
-        gyg, gxg = _pointwise_matrices(gy, p, p.out_channels), _pointwise_matrices(gx, p, p.in_channels)
-        with _blas_limit(p, get_num_threads()):
-            np.matmul(wg.transpose(0, 2, 1), gyg, out=gxg)
-        return gx
     gx = np.zeros(p.input_shape, gy.dtype)
 
     def work(unfolding, index, unit):
@@ -443,7 +451,7 @@ def conv2d_backward_input(gy, w, p):
         np.matmul(wg.transpose(0, 2, 1), gytg, out=dcolsg)
         unfolding.fold(dcols, gx, images, rows)
 
-    _for_each_unit(p, gy.dtype, work)
+    _for_each_unit(p, gy.dtype, work, folds=True)
     return gx
 
 
