@@ -11,18 +11,21 @@ The source is the padded input (forward, weight gradient) or the zero-upsampled,
 (kh*dh // sh, kw*dw // sw) for every stride and dilation, and consecutive output columns are consecutive
 elements. Each output row is computed `row` wide (the sub-image width): the few extra columns read the next
 row and are discarded. Small planes put several images side by side in each source row (`fold`), so the
-runs stay long. The contiguous t loop is what LLVM vectorizes; a block of output channels times a
-block of taps is kept in registers (weights as scalars hoisted out of the loop).
+runs stay long. The forward correlation keeps a block of output channels times a run of t in vector
+registers (_simd.py) over all taps; the weight gradient's dot products are contiguous t loops that LLVM
+vectorizes.
 
-Padded taps (k beyond the real ones, to fill a block) point at a zero tail of each source image and have
-zero weights, so they add exact zeros even when the input holds inf or NaN.
+The weight gradient's padded taps (k beyond the real ones, to fill a block) point at a zero tail of each
+source image, so they add exact zeros even when the input holds inf or NaN.
 """
 import numpy as np
 from numba import njit, prange
 
+from ._simd import lanes, vfma, vload, vsplat, vstore
+
 # No nnan/ninf: NaN and inf must propagate (pooling compares with NaN).
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
-TAPS_FORWARD = 6  # taps per block in the forward/input-gradient kernel (see _block)
+TILE_VECTORS = 6  # vectors of outputs per row of the forward/input-gradient register tile (see _tile)
 TAPS_WEIGHT = 3  # taps per block in the weight-gradient kernel
 WEIGHT_CHUNK = 4  # images per weight-gradient partial sum: fixed, so results do not depend on threads
 
@@ -69,40 +72,53 @@ def build_source(a, source, up_h, up_w, pad_top, pad_left, sh, sw, sub_h, sub_w,
 
 
 @inline_jit
-def _block(acc, img, offsets, weights, co, k, n):
-    """acc[0:4, :n] += weights[co:co+4, k:k+6] @ (the six tap runs of img, n long). Six taps per pass: the
-    accumulator rows are loaded and stored once per 24 multiply-adds, and the 24 weights, 6 tap values and
-    an accumulator still fit in the 32 vector registers (more would spill to the stack)."""
-    x0, x1, x2 = img[offsets[k]:][:n], img[offsets[k + 1]:][:n], img[offsets[k + 2]:][:n]
-    x3, x4, x5 = img[offsets[k + 3]:][:n], img[offsets[k + 4]:][:n], img[offsets[k + 5]:][:n]
-    w0, w1, w2, w3 = weights[co], weights[co + 1], weights[co + 2], weights[co + 3]
-    w00, w01, w02, w03, w04, w05 = w0[k], w0[k + 1], w0[k + 2], w0[k + 3], w0[k + 4], w0[k + 5]
-    w10, w11, w12, w13, w14, w15 = w1[k], w1[k + 1], w1[k + 2], w1[k + 3], w1[k + 4], w1[k + 5]
-    w20, w21, w22, w23, w24, w25 = w2[k], w2[k + 1], w2[k + 2], w2[k + 3], w2[k + 4], w2[k + 5]
-    w30, w31, w32, w33, w34, w35 = w3[k], w3[k + 1], w3[k + 2], w3[k + 3], w3[k + 4], w3[k + 5]
-    a0, a1, a2, a3 = acc[0, :n], acc[1, :n], acc[2, :n], acc[3, :n]
-    for t in range(n):
-        v0, v1, v2, v3, v4, v5 = x0[t], x1[t], x2[t], x3[t], x4[t], x5[t]
-        a0[t] += w00 * v0 + w01 * v1 + w02 * v2 + w03 * v3 + w04 * v4 + w05 * v5
-        a1[t] += w10 * v0 + w11 * v1 + w12 * v2 + w13 * v3 + w14 * v4 + w15 * v5
-        a2[t] += w20 * v0 + w21 * v1 + w22 * v2 + w23 * v3 + w24 * v4 + w25 * v5
-        a3[t] += w30 * v0 + w31 * v1 + w32 * v2 + w33 * v3 + w34 * v4 + w35 * v5
+def _tile(img, offsets, weights, acc, n):
+    """acc[0:4, :n] = weights (K, 4) correlated with img: acc[r, t] = sum_k weights[k, r] * img[offsets[k] + t],
+    for n a multiple of TILE_VECTORS vectors. A register tile of 4 output channels x 6 vectors of outputs
+    (24 of the 32 vector registers) takes every tap before it is stored: per tap, 6 loads and 4 broadcasts
+    feed 24 multiply-adds, and no accumulator goes through memory."""
+    width = lanes(img)
+    for t in range(0, n, TILE_VECTORS * width):
+        s00 = s01 = s02 = s03 = s04 = s05 = s10 = s11 = s12 = s13 = s14 = s15 = vsplat(img, 0)
+        s20 = s21 = s22 = s23 = s24 = s25 = s30 = s31 = s32 = s33 = s34 = s35 = s00
+        for k in range(offsets.size):
+            o, w = offsets[k] + t, weights[k]
+            x0, x1, x2 = vload(img, o), vload(img, o + width), vload(img, o + 2 * width)
+            x3, x4, x5 = vload(img, o + 3 * width), vload(img, o + 4 * width), vload(img, o + 5 * width)
+            w0, w1, w2, w3 = vsplat(img, w[0]), vsplat(img, w[1]), vsplat(img, w[2]), vsplat(img, w[3])
+            s00, s01, s02 = vfma(w0, x0, s00), vfma(w0, x1, s01), vfma(w0, x2, s02)
+            s03, s04, s05 = vfma(w0, x3, s03), vfma(w0, x4, s04), vfma(w0, x5, s05)
+            s10, s11, s12 = vfma(w1, x0, s10), vfma(w1, x1, s11), vfma(w1, x2, s12)
+            s13, s14, s15 = vfma(w1, x3, s13), vfma(w1, x4, s14), vfma(w1, x5, s15)
+            s20, s21, s22 = vfma(w2, x0, s20), vfma(w2, x1, s21), vfma(w2, x2, s22)
+            s23, s24, s25 = vfma(w2, x3, s23), vfma(w2, x4, s24), vfma(w2, x5, s25)
+            s30, s31, s32 = vfma(w3, x0, s30), vfma(w3, x1, s31), vfma(w3, x2, s32)
+            s33, s34, s35 = vfma(w3, x3, s33), vfma(w3, x4, s34), vfma(w3, x5, s35)
+        for r, (v0, v1, v2, v3, v4, v5) in enumerate(((s00, s01, s02, s03, s04, s05), (s10, s11, s12, s13, s14, s15),
+                                                     (s20, s21, s22, s23, s24, s25), (s30, s31, s32, s33, s34, s35))):
+            row = acc[r]
+            vstore(row, t, v0)
+            vstore(row, t + width, v1)
+            vstore(row, t + 2 * width, v2)
+            vstore(row, t + 3 * width, v3)
+            vstore(row, t + 4 * width, v4)
+            vstore(row, t + 5 * width, v5)
 
 
 @jit
 def correlate(source, weights, offsets, bias, out, row, fold, tile_elements):
-    """out[m*fold + b, g*Cg + co, oh, ow] = bias[..] + sum_k weights[g, co, k] *
+    """out[m*fold + b, g*Cg + co, oh, ow] = bias[..] + sum_k weights[g, co // 4, k, co % 4] *
     source[m, offsets[g, k] + oh*row + b*(row // fold) + ow]: `fold` images side by side in each source row.
 
-    weights (G, Cg rounded up to 4, K rounded up to TAPS_FORWARD) and offsets (G, K rounded up) come packed from
-    the wrapper. Work items are (source image, group, block of 4 output channels, tile of output rows of about
-    tile_elements outputs): both cores stay busy at batch 1, and each output is written by one item, so the
-    thread count never matters."""
+    weights (G, Cg rounded up to 4 / 4, K, 4) and offsets (G, K) come packed from the wrapper. Work items are
+    (source image, group, block of 4 output channels, tile of output rows of about tile_elements outputs):
+    both cores stay busy at batch 1, and each output is written by one item, so the thread count never
+    matters. Each tile is computed rounded up to whole register tiles: the source has a tail for the overrun."""
     n_img, out_channels, out_h, out_w = out.shape
-    groups, rows_padded, taps = weights.shape
+    groups, blocks = weights.shape[:2]
     per_group = out_channels // groups
     segment = row // fold
-    blocks = rows_padded // 4
+    step = TILE_VECTORS * lanes(source[0])
     tiles = -(-out_h * row // tile_elements)
     tile_rows = -(-out_h // tiles)  # tiles of equal height: balanced work items
     tiles = -(-out_h // tile_rows)
@@ -112,11 +128,9 @@ def correlate(source, weights, offsets, bias, out, row, fold, tile_elements):
         co0 = block * 4
         oh0 = tile * tile_rows
         oh1 = min(out_h, oh0 + tile_rows)
-        t0, t1 = oh0 * row, oh1 * row
-        img, w, offs = source[m, t0:], weights[g], offsets[g]
-        acc = np.zeros((4, t1 - t0), source.dtype)
-        for k in range(0, taps, TAPS_FORWARD):
-            _block(acc, img, offs, w, co0, k, t1 - t0)
+        length = -(-(oh1 - oh0) * row // step) * step
+        acc = np.empty((4, length), source.dtype)
+        _tile(source[m, oh0 * row:], offsets[g], weights[g, block], acc, length)
         for r in range(4):
             co = co0 + r
             if co < per_group:

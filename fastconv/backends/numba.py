@@ -13,6 +13,7 @@ import numpy as np
 from ..params import index_out_of_plane
 from ..threads import threads_for
 from . import _numba_kernels as kernels
+from ._simd import VECTOR_BYTES
 
 # omp runs concurrent calls from several Python threads; workqueue would abort on them.
 numba.config.THREADING_LAYER = "omp"
@@ -65,13 +66,14 @@ def _tap_offsets(groups, per_group, kernel, stride, dilation, sub_shape, taps_pa
     return packed
 
 
-def _packed_weights(w, groups, taps_multiple):
-    """(C_out, Cg, KH, KW) as (G, C_out/G rounded up to 4, Cg*KH*KW rounded up to taps_multiple), zero-padded."""
+def _packed_weights(w, groups):
+    """(C_out, Cg, KH, KW) as (G, blocks of 4 output channels, Cg*KH*KW, 4), zero rows past C_out/G: each
+    tap's 4 weights of a block side by side, as the register tile reads them."""
     per_group = w.shape[0] // groups
     flat = w.reshape(groups, per_group, -1)
-    packed = np.zeros((groups, _round_up(per_group, 4), _round_up(flat.shape[2], taps_multiple)), w.dtype)
-    packed[:, :per_group, :flat.shape[2]] = flat
-    return packed
+    packed = np.zeros((groups, _round_up(per_group, 4), flat.shape[2]), w.dtype)
+    packed[:, :per_group] = flat
+    return np.ascontiguousarray(packed.reshape(groups, -1, 4, flat.shape[2]).transpose(0, 1, 3, 2))
 
 
 ROWS_PER_TILE = 2048  # output elements (whole rows) of one work item at most; small planes fold images to fill it
@@ -96,15 +98,17 @@ def _fold(batch, out_height, row, tile_elements=ROWS_PER_TILE):
 def _correlate(source_of, weights, groups, kernel, stride, dilation, sub_shape, bias, out):
     """out = the stride-1 correlation of the source with the packed taps (see _numba_kernels.correlate).
     Small planes put several images side by side in each source row: longer runs per weight block."""
-    packed = _packed_weights(weights, groups, kernels.TAPS_FORWARD)
+    packed = _packed_weights(weights, groups)
     tile_elements = _tile_elements(weights.shape[1], weights.itemsize)
     fold = _fold(out.shape[0], out.shape[2], sub_shape[1], tile_elements)
     wide_shape = (sub_shape[0], fold * sub_shape[1])
     row = wide_shape[1]
-    tail = out.shape[2] * row
+    tail = kernels.TILE_VECTORS * VECTOR_BYTES // out.itemsize  # a register tile's overrun past the last row
     source, _ = source_of(tail, fold)
     offsets = _tap_offsets(groups, weights.shape[1], kernel, stride, dilation, wide_shape, packed.shape[2],
                            source.shape[1] - tail)
+    # The tile's unchecked loads stay inside each source image:
+    assert offsets.max() + out.shape[2] * row + tail <= source.shape[1]
     kernels.correlate(source, packed, offsets, bias, out, row, fold, tile_elements)
     return out
 
