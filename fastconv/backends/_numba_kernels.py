@@ -34,11 +34,12 @@ inline_jit = njit(nogil=True, fastmath=FASTMATH, cache=True)
 
 
 @jit
-def build_source(a, source, up_h, up_w, pad_top, pad_left, sh, sw, sub_h, sub_w, fold):
+def build_source(a, source, up_h, up_w, pad_top, pad_left, sh, sw, sub_h, sub_w, fold, count_non_finite):
     """source[m] <- images m*fold .. m*fold + fold-1 of a (N, C, H, W), side by side (segment b of each
     sub-image row holds image m*fold + b): each upsampled by (up_h, up_w), shifted by the (possibly
     negative) padding, split into sh*sw stride phases of sub_h x sub_w each, zeros elsewhere; then a zero
-    tail. Returns the number of non-finite values in the source."""
+    tail. Columns are either upsampled or split into phases (up_w == 1 or sw == 1), each as strided runs.
+    Returns the number of non-finite values in the source if count_non_finite, else 0."""
     n_img, channels, height, width = a.shape
     wide = fold * sub_w
     sub = sub_h * wide
@@ -55,17 +56,24 @@ def build_source(a, source, up_h, up_w, pad_top, pad_left, sh, sw, sub_h, sub_w,
                 if v < 0 or v >= sub_h * sh:
                     continue
                 row = block[(v % sh) * sw * sub + (v // sh) * wide + segment:]
-                if up_w == 1 and sw == 1:
-                    lo, hi = max(0, -pad_left), min(width, sub_w - pad_left)
+                if sw == 1:  # column w at w * up_w + pad_left
+                    lo = max(0, (-pad_left + up_w - 1) // up_w)
+                    hi = min(width, (sub_w - 1 - pad_left) // up_w + 1)
                     if lo < hi:
-                        row[lo + pad_left:hi + pad_left] = a[n, c, h, lo:hi]
-                else:
-                    for w in range(width):
-                        u = w * up_w + pad_left
-                        if 0 <= u < sub_w * sw:
-                            row[(u % sw) * sub + u // sw] = a[n, c, h, w]
-        for value in block:
-            non_finite += not np.isfinite(value)
+                        row[lo * up_w + pad_left:(hi - 1) * up_w + pad_left + 1:up_w] = a[n, c, h, lo:hi]
+                else:  # up_w == 1: column w at u = w + pad_left, in phase u % sw at u // sw
+                    lo, hi = max(0, -pad_left), min(width, sub_w * sw - pad_left)
+                    for phase in range(sw):
+                        first = lo + (phase - pad_left - lo) % sw
+                        if first < hi:
+                            count = (hi - 1 - first) // sw + 1
+                            start = phase * sub + (first + pad_left) // sw
+                            row[start:start + count] = a[n, c, h, first:first + (count - 1) * sw + 1:sw]
+        block_non_finite = 0  # the prange reduction itself must not sit under a condition: Numba drops it
+        if count_non_finite:
+            for value in block:
+                block_non_finite += not np.isfinite(value)
+        non_finite += block_non_finite
     for m in range(source.shape[0]):
         source[m, channels * per_channel:] = 0
     return non_finite

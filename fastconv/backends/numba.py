@@ -41,15 +41,15 @@ def _round_up(n, multiple):
     return -(-n // multiple) * multiple
 
 
-def _source(a, up, pad, stride, sub_shape, tail, fold=1):
-    """a (N, C, H, W) upsampled by `up`, padded by `pad` (top, left; negative crops) and split into stride
-    phases of sub_shape each (see _numba_kernels), `fold` images side by side per flat source image, plus a
-    zero tail `tail` long; and whether it is all finite."""
+def _source(a, up, pad, stride, sub_shape, tail, fold=1, check_finite=False):
+    """a (N, C, H, W) upsampled by `up` or split into stride phases of sub_shape each (see _numba_kernels),
+    padded by `pad` (top, left; negative crops), `fold` images side by side per flat source image, plus a
+    zero tail `tail` long; and, if check_finite, whether it is all finite."""
     n, c = a.shape[:2]
     sub_h, sub_w = sub_shape
     source = np.empty((-(-n // fold), c * stride[0] * stride[1] * sub_h * sub_w * fold + tail), a.dtype)
     non_finite = kernels.build_source(a, source, up[0], up[1], pad[0], pad[1], stride[0], stride[1], sub_h, sub_w,
-                                      fold)
+                                      fold, check_finite)
     return source, non_finite == 0
 
 
@@ -104,7 +104,7 @@ def _correlate(source_of, weights, groups, kernel, stride, dilation, sub_shape, 
     wide_shape = (sub_shape[0], fold * sub_shape[1])
     row = wide_shape[1]
     tail = kernels.TILE_VECTORS * VECTOR_BYTES // out.itemsize  # a register tile's overrun past the last row
-    source, _ = source_of(tail, fold)
+    source = source_of(tail, fold)
     offsets = _tap_offsets(groups, weights.shape[1], kernel, stride, dilation, wide_shape, packed.shape[2],
                            source.shape[1] - tail)
     # The tile's unchecked loads stay inside each source image:
@@ -125,8 +125,8 @@ def conv2d_forward(x, w, b, p):
     top, _, left, _ = p.padding
     bias = np.zeros(p.out_channels, x.dtype) if b is None else b
     out = np.empty(p.output_shape, x.dtype)
-    return _correlate(lambda tail, fold: _source(x, (1, 1), (top, left), p.stride, sub_shape, tail, fold), w, p.groups,
-                      (p.kernel_height, p.kernel_width), p.stride, p.dilation, sub_shape, bias, out)
+    return _correlate(lambda tail, fold: _source(x, (1, 1), (top, left), p.stride, sub_shape, tail, fold)[0], w,
+                      p.groups, (p.kernel_height, p.kernel_width), p.stride, p.dilation, sub_shape, bias, out)
 
 
 def conv2d_backward_input(gy, w, p):
@@ -142,7 +142,7 @@ def conv2d_backward_input(gy, w, p):
                .reshape(p.in_channels, per_group, kh, kw))
     out = np.empty(p.input_shape, gy.dtype)
     return _correlate(lambda tail, fold: _source(gy, p.stride, (span_h - top, span_w - left), (1, 1), sub_shape,
-                                                 tail, fold),
+                                                 tail, fold)[0],
                       np.ascontiguousarray(flipped), p.groups, (kh, kw), (1, 1), p.dilation, sub_shape,
                       np.zeros(p.in_channels, gy.dtype), out)
 
@@ -158,7 +158,7 @@ def conv2d_backward_weight(gy, x, p):
     per_group, channels_per_group = p.out_channels // p.groups, p.in_channels // p.groups
     taps = channels_per_group * p.kernel_height * p.kernel_width
     rows_padded, taps_padded = _round_up(per_group, 4), _round_up(taps, kernels.TAPS_WEIGHT)
-    source, finite = _source(x, (1, 1), (top, left), p.stride, sub_shape, length, fold)
+    source, finite = _source(x, (1, 1), (top, left), p.stride, sub_shape, length, fold, check_finite=True)
     offsets = _tap_offsets(p.groups, channels_per_group, (p.kernel_height, p.kernel_width), p.stride,
                            p.dilation, wide_shape, taps_padded, source.shape[1] - length)
     grad_rows = np.empty((source.shape[0], p.groups, rows_padded, length), gy.dtype)
