@@ -55,20 +55,20 @@ def build_source(a, source, up_h, up_w, pad_top, pad_left, sh, sw, sub_h, sub_w,
                 v = h * up_h + pad_top
                 if v < 0 or v >= sub_h * sh:
                     continue
-                row = block[(v % sh) * sw * sub + (v // sh) * wide + segment:]
-                if sw == 1:  # column w at w * up_w + pad_left
+                row, line = (v % sh) * sw * sub + (v // sh) * wide + segment, a[n, c, h]
+                if sw == 1:  # column w at w * up_w + pad_left; a loop: a slice costs more than these short rows
                     lo = max(0, (-pad_left + up_w - 1) // up_w)
                     hi = min(width, (sub_w - 1 - pad_left) // up_w + 1)
-                    if lo < hi:
-                        row[lo * up_w + pad_left:(hi - 1) * up_w + pad_left + 1:up_w] = a[n, c, h, lo:hi]
-                else:  # up_w == 1: column w at u = w + pad_left, in phase u % sw at u // sw
+                    for w in range(lo, hi):
+                        block[row + w * up_w + pad_left] = line[w]
+                else:  # up_w == 1: column w at u = w + pad_left, in phase u % sw at u // sw (strided slices)
                     lo, hi = max(0, -pad_left), min(width, sub_w * sw - pad_left)
                     for phase in range(sw):
                         first = lo + (phase - pad_left - lo) % sw
                         if first < hi:
                             count = (hi - 1 - first) // sw + 1
-                            start = phase * sub + (first + pad_left) // sw
-                            row[start:start + count] = a[n, c, h, first:first + (count - 1) * sw + 1:sw]
+                            start = row + phase * sub + (first + pad_left) // sw
+                            block[start:start + count] = line[first:first + (count - 1) * sw + 1:sw]
         block_non_finite = 0  # the prange reduction itself must not sit under a condition: Numba drops it
         if count_non_finite:
             for value in block:
