@@ -143,10 +143,13 @@ def correlate(source, weights, offsets, bias, out, row, fold, tile_elements):
             co = co0 + r
             if co < per_group:
                 channel = g * per_group + co
+                b = bias[channel]
                 for n in range(m * fold, min(n_img, (m + 1) * fold)):
                     for oh in range(oh0, oh1):
                         start = (oh - oh0) * row + (n - m * fold) * segment
-                        out[n, channel, oh, :] = acc[r, start:start + out_w] + bias[channel]
+                        line, products = out[n, channel, oh], acc[r, start:]
+                        for ow in range(out_w):  # a loop: slice arithmetic would allocate a temporary per row
+                            line[ow] = products[ow] + b
 
 
 @jit
