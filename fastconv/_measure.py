@@ -20,9 +20,10 @@ class Timing:
     first_call: float  # the warm-up call: JIT compilation, caches, first touch of workspaces
 
 
-def time_calls(calls, budget=0.3, min_repeats=3, max_repeats=100):
+def time_calls(calls, budget=0.3, min_repeats=3, max_repeats=100, burst=1):
     """Time several no-argument functions (a dict name -> function) after one warm-up call each. They take
-    turns, one call each per round, so that a change of load on a shared machine hits all of them alike.
+    turns, `burst` calls each per round, so that a change of load on a shared machine hits all of them alike
+    (with burst > 1 most calls find the threads of the previous call awake, as in a loop of the same call).
     Each is repeated until it has spent `budget` seconds in at least `min_repeats` calls (a call slower than
     budget / min_repeats stops at 4 x budget instead), or made `max_repeats` calls.
     Returns {name: (Timing, the warm-up call's result)}, or the exception a function raised in its place."""
@@ -38,9 +39,10 @@ def time_calls(calls, budget=0.3, min_repeats=3, max_repeats=100):
     running = list(times)
     while running:
         for name in running:
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(burst):
+                start = time.perf_counter()
+                calls[name]()
+                times[name].append(time.perf_counter() - start)
         running = [name for name in running if not _done(times[name], budget, min_repeats, max_repeats)]
     return {name: (Timing(statistics.median(times[name]), min(times[name]), len(times[name]), first_calls[name]),
                    results[name]) if name in times else results[name] for name in calls}

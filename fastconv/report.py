@@ -137,6 +137,42 @@ def _measure(sides, case, op, dtype, inputs, reference, budget, min_repeats):
     return list(rows.values())
 
 
+SCALING_BURST = 10  # calls in a row per thread count and turn in the thread-scaling runs
+
+
+def thread_scaling(case, sides, threads, budget, min_repeats):
+    """Rows of `case`'s float32 forward with 1 thread and with `threads`, per side (naive excluded). Each side
+    is measured on its own, its two thread counts taking turns SCALING_BURST calls at a time: a loop of calls
+    keeps a side's threads awake, while waking threads that went idle (slow in a virtual machine) would
+    land on every call of the side with more threads."""
+    inputs, rows = suite.make_inputs(case, np.float32), []
+    for side in sides:
+        if side == "naive":
+            continue
+        call = (suite.torch_call(case, "conv2d_forward", inputs) if side == "torch" else
+                suite.fastconv_call(case, "conv2d_forward", inputs, side))
+        calls = {n: _on_threads(call, n, torch_side=side == "torch") for n in (1, threads)}
+        for n, outcome in time_calls(calls, budget, min_repeats, burst=SCALING_BURST).items():
+            row = dict(case=case.name, backend=side, threads=n, status="ok")
+            if isinstance(outcome, Exception):
+                row.update(status="failed", reason=f"{type(outcome).__name__}: {outcome}")
+            else:
+                row.update(median_s=outcome[0].median, gflops=case.flops / outcome[0].median / 1e9)
+            rows.append(row)
+    return rows
+
+
+def _on_threads(call, n, torch_side):
+    def on_n_threads():
+        if torch_side:
+            import torch
+
+            torch.set_num_threads(n)
+        with fastconv.threads(n):
+            return call()
+    return on_n_threads
+
+
 def _ceilings(threads, budget):
     return {"gemm_gflops": gemm_rate(threads, budget=budget), "copy_gbs": copy_bandwidth(threads, budget=budget)}
 
@@ -172,6 +208,8 @@ def collect(convs, pools, threads, budget=0.3, min_repeats=3, with_torch=True, p
                 reference = _reference(case, op, inputs, torch)
                 rows += _measure(sides, case, op, dtype, inputs, reference, budget, min_repeats)
                 bar.update(len(sides))
+        scaling = (thread_scaling(suite.SCALING_CASE, sides, threads, budget, min_repeats)
+                   if threads > 1 and suite.SCALING_CASE in convs else [])
         # Measured again at the end, the higher kept: load from elsewhere only ever lowers a ceiling.
         after = _ceilings(threads, budget)
         if torch is not None:
@@ -194,6 +232,7 @@ def collect(convs, pools, threads, budget=0.3, min_repeats=3, with_torch=True, p
         "ceilings_measured": {"before": before, "after": after},
         "sides": sides,
         "rows": rows,
+        "scaling": scaling,
     }
 
 
@@ -422,6 +461,22 @@ def _geomean_table(results):
     return headers, table
 
 
+def _scaling_table(results):
+    threads = results["meta"]["threads"]
+    headers = ["backend", "1 thread (GFLOP/s)", f"{threads} threads (GFLOP/s)", "speed-up"]
+    by_side = {}
+    for r in results.get("scaling", []):
+        by_side.setdefault(r["backend"], {})[r["threads"]] = r
+    table = []
+    for side, runs in by_side.items():
+        if all(r["status"] == "ok" for r in runs.values()):
+            table.append([side, _num(runs[1]["gflops"]), _num(runs[threads]["gflops"]),
+                          f"{runs[1]['median_s'] / runs[threads]['median_s']:.2f}"])
+        else:
+            table.append([side, "", "", "; ".join(r["reason"] for r in runs.values() if r["status"] != "ok")])
+    return headers, table
+
+
 def _machine_table(results):
     m = results["machine"]
     rows = [
@@ -480,6 +535,14 @@ def _blocks(results, plots):
     if any(r["dtype"] == "float64" for r in results["rows"]):
         blocks += [("h2", "conv2d forward, float64"),
                    ("table", *_op_table(results, "conv2d_forward", "float64"))]
+    if results.get("scaling"):
+        case = results["scaling"][0]["case"]
+        blocks += [("h2", "Threads at batch 1"),
+                   ("p", f"The float32 forward of {case} with 1 thread and with {meta['threads']}: each side on "
+                         f"its own, the two thread counts taking turns {SCALING_BURST} calls at a time (a loop "
+                         f"of calls keeps the threads awake; one call per turn would add idle threads' wake-up "
+                         f"to every call)."),
+                   ("table", *_scaling_table(results))]
     if "roofline.png" in plots:
         blocks += [("h2", "Roofline"),
                    ("p", "GFLOP/s against arithmetic intensity (FLOPs per byte of the minimal traffic: input, "

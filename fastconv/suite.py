@@ -105,6 +105,8 @@ POOLS = (
 )
 # The case the issues quote, also measured in float64 (forward only).
 FLOAT64_CASE = CONVS[1]
+# The batch-1 case: its forward is also measured with 1 thread, for the speed-up of more threads.
+SCALING_CASE = CONVS[9]
 
 # `--quick`: the quoted case, batch 1, a small LeNet layer (naive runs on it) and the small pooling.
 QUICK_CONVS = (CONVS[1], CONVS[9], CONVS[8])

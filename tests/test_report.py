@@ -80,3 +80,14 @@ def test_restarts_itself_with_reused_buffers(monkeypatch):
     monkeypatch.setenv("GLIBC_TUNABLES", report.REUSED_BUFFERS)
     report.reexec_with_reused_buffers(["report"])
     assert len(calls) == 1  # already set: no restart
+
+
+def test_thread_scaling_rows_and_table(results):
+    """The batch-1 thread comparison: every fast side measured with 1 and 2 threads, in bursts, and shown."""
+    case = TINY_CONVS[0]
+    rows = report.thread_scaling(case, results["sides"], threads=2, budget=0.001, min_repeats=1)
+    sides = [side for side in results["sides"] if side not in ("naive", "torch")]
+    assert {(r["backend"], r["threads"]) for r in rows} >= {(side, n) for side in sides for n in (1, 2)}
+    assert all(r["status"] == "ok" and r["gflops"] > 0 for r in rows), rows
+    shown = report._markdown(report._blocks(dict(results, scaling=rows), {}))
+    assert "## Threads at batch 1" in shown and all(f"| {side} |" in shown for side in sides)
