@@ -104,6 +104,12 @@ def _skip_reason(side, case, op, dtype):
     return dispatch.load(side).supports(op, params, np.dtype(dtype))
 
 
+# Calls per side and turn in the suite's runs. The first call of a turn pays for what the side before left
+# behind (another library's threads still spinning on both cores, its own threads asleep: 2-3x on a
+# millisecond-long call); the median of the turn's calls is the steady state of a loop of calls.
+TURN_CALLS = 3
+
+
 def _measure(sides, case, op, dtype, inputs, reference, budget, min_repeats):
     """The rows of `op` of `case`, one per side (a backend name or "torch"), timed side by side."""
     conv = isinstance(case, suite.Conv)
@@ -119,7 +125,7 @@ def _measure(sides, case, op, dtype, inputs, reference, budget, min_repeats):
             calls[side] = suite.torch_call(case, op, inputs)
         else:
             calls[side] = suite.fastconv_call(case, op, inputs, side)
-    for side, outcome in time_calls(calls, budget, min_repeats).items():
+    for side, outcome in time_calls(calls, budget, min_repeats, burst=TURN_CALLS).items():
         row = rows[side]
         if isinstance(outcome, Exception):  # one broken backend must not stop the report: it says what failed
             row.update(status="failed", reason=f"{type(outcome).__name__}: {outcome}")
@@ -220,7 +226,7 @@ def collect(convs, pools, threads, budget=0.3, min_repeats=3, with_torch=True, p
         "meta": {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": command,
-            "threads": threads, "budget_s": budget, "min_repeats": min_repeats,
+            "threads": threads, "budget_s": budget, "min_repeats": min_repeats, "turn_calls": TURN_CALLS,
             "allocator": "reused" if reusing_buffers() else "default",
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
             "naive_max_flops": suite.NAIVE_MAX_FLOPS,
@@ -509,7 +515,10 @@ def _blocks(results, plots):
               f"{meta['seconds']:.0f} s. Memory: {allocator}."),
         ("p", f"Each time is the median of repeated calls after one warm-up call (JIT compilation and caches "
               f"stay out), repeated for at least {meta['budget_s']} s and {meta['min_repeats']} calls; the sides "
-              f"of a comparison take turns, one call each, so that load from elsewhere hits them alike. "
+              f"of a comparison take turns, {meta.get('turn_calls', 1)} calls each, so that load from elsewhere "
+              f"hits them alike, and the median is a side's steady state in a loop of calls (the first call of a "
+              f"turn pays for what the side before left behind: another library's threads still spinning, its "
+              f"own threads asleep). "
               f"Every side is called through its public API (fastconv.conv2d / conv2d_backward / max_pool2d / "
               f"max_pool2d_backward with backend=..., PyTorch's gradients one at a time through "
               f"aten.convolution_backward and aten.max_pool2d_with_indices_backward). "
