@@ -5,6 +5,7 @@ setting in force (Numba's thread count is per Python thread); problems too small
 region run on one thread, chosen by size only. Results do not depend on the thread count: every output
 is computed by one work item, and the weight gradient adds fixed chunks of the batch in a fixed order.
 """
+import functools
 import math
 
 import numba
@@ -53,9 +54,11 @@ def _source(a, up, pad, stride, sub_shape, tail, fold=1, check_finite=False):
     return source, non_finite == 0
 
 
+@functools.lru_cache(maxsize=256)
 def _tap_offsets(groups, per_group, kernel, stride, dilation, sub_shape, taps_padded, tail_start):
     """offsets[g, k]: where tap k = (channel, kh, kw) of group g starts in a source image (stride phase,
-    then shift); taps past the real ones point at the zero tail."""
+    then shift); taps past the real ones point at the zero tail. Remembered per layout (building them took
+    ~5% of a batch-1 call), so the array is shared: the kernels only read it."""
     (kh, kw), (sh, sw), (dh, dw), (sub_h, sub_w) = kernel, stride, dilation, sub_shape
     channel = np.arange(groups)[:, None, None, None] * per_group + np.arange(per_group)[None, :, None, None]
     rows, cols = np.arange(kh)[:, None] * dh, np.arange(kw)[None, :] * dw
