@@ -8,7 +8,8 @@ two 256-bit halves on CPUs without it, and auto-vectorized code would use 256 bi
 which runs at half the multiply-add rate of the 512-bit units of a Xeon.
 
 Loads and stores read and write `lanes(a)` elements of a 1-D contiguous array from an index on, unchecked:
-the caller keeps them in bounds.
+the caller keeps them in bounds. Numba's disk cache watches only the kernels' own file: after editing this
+one, touch _numba_kernels.py (or clear __pycache__) so that cached kernels are rebuilt.
 """
 from llvmlite import ir
 from numba import types
