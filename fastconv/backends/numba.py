@@ -29,7 +29,7 @@ def describe():
         layer = numba.threading_layer()
     except ValueError:  # no parallel region has run yet
         layer = f"{numba.config.THREADING_LAYER} (requested)"
-    return f"numba {numba.__version__}, threading layer {layer}"
+    return f"numba {numba.__version__}, threading layer {layer}, register tiles of {8 * VECTOR_BYTES}-bit vectors"
 
 
 def _use_threads(work):
