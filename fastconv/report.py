@@ -104,6 +104,11 @@ def _skip_reason(side, case, op, dtype):
     return dispatch.load(side).supports(op, params, np.dtype(dtype))
 
 
+def _failed(error):
+    """A row's fields for a side that raised instead of returning."""
+    return dict(status="failed", reason=f"{type(error).__name__}: {error}")
+
+
 # Calls per side and turn in the suite's runs. The first call of a turn pays for what the side before left
 # behind (another library's threads still spinning on both cores, its own threads asleep: 2-3x on a
 # millisecond-long call); the median of the turn's calls is the steady state of a loop of calls.
@@ -128,7 +133,7 @@ def _measure(sides, case, op, dtype, inputs, reference, budget, min_repeats):
     for side, outcome in time_calls(calls, budget, min_repeats, burst=TURN_CALLS).items():
         row = rows[side]
         if isinstance(outcome, Exception):  # one broken backend must not stop the report: it says what failed
-            row.update(status="failed", reason=f"{type(outcome).__name__}: {outcome}")
+            row.update(_failed(outcome))
             continue
         timing, result = outcome
         row.update(median_s=timing.median, best_s=timing.best, repeats=timing.repeats,
@@ -161,7 +166,7 @@ def thread_scaling(case, sides, threads, budget, min_repeats):
         for n, outcome in time_calls(calls, budget, min_repeats, burst=SCALING_BURST).items():
             row = dict(case=case.name, backend=side, threads=n, status="ok")
             if isinstance(outcome, Exception):
-                row.update(status="failed", reason=f"{type(outcome).__name__}: {outcome}")
+                row.update(_failed(outcome))
             else:
                 row.update(median_s=outcome[0].median, gflops=case.flops / outcome[0].median / 1e9)
             rows.append(row)
