@@ -8,9 +8,11 @@ Grad input:   dcols_g = W_g^T @ dY_g, then col2im adds each kernel tap's slab of
 a unit of work: a chunk of images, or a band of output rows of one image when a single image's columns
 exceed the workspace cap (`set_workspace_limit`), so memory does not grow with the batch.
 
-Stride-1 convolutions use "wide" rows: each output row is computed over the whole padded width, so a
-tap's slab of cols is one contiguous run of the padded input and im2col/col2im are plain block copies
-and adds. The extra columns (padded width - output width) are computed and dropped. Other strides fill
+Stride-1 convolutions use "wide" rows: each output row is computed over a whole row of the padded input,
+so a tap's slab of cols is one contiguous run of it and im2col/col2im are plain block copies and adds.
+The extra columns (row pitch - output width) are computed and dropped. Neighbouring rows share their
+padding columns (the pitch is W + max(left, right) pads, not W + both): a tap reaching past a row's right
+end reads the next row's left padding, zeros too. Other strides fill
 cols tap by tap from strided views of the input, with zeros where a tap falls in padding.
 
 Most stride-1 layers go further and run "row-shifted" (_row_shifted): cols holds the taps of one kernel
@@ -99,10 +101,18 @@ def _blas_limit(p, n):
     return blas_threads(n) if p.flops // 2 >= SERIAL_WORK else contextlib.nullcontext()
 
 
+def _row_width(p):
+    """The columns computed per output row: the wide rows' pitch at stride 1 (see the module's docstring),
+    else the output's width."""
+    if p.stride != (1, 1):
+        return p.out_width
+    return p.in_width + max(p.padding[2], p.padding[3], p.out_width - p.in_width)
+
+
 def _plan(p, itemsize, workers, row_shifted, folds):
     """Units of work, (image slice, output-row slice), in groups that one worker takes in turn: bands of
     rows of one image are grouped when the work folds (col2im adds them into overlapping input rows)."""
-    row_width = p.padded_width if p.stride == (1, 1) else p.out_width
+    row_width = _row_width(p)
     span, per_row = 0, p.in_channels * p.kernel_height * p.kernel_width * row_width * itemsize
     if row_shifted:  # columns of one kernel row and products of every kernel row, over `span` rows more
         span = p.dilation[0] * (p.kernel_height - 1)
@@ -166,16 +176,20 @@ def _for_each_unit(p, dtype, work, row_shifted=False, folds=False, workspace=Tru
 
 class _InOrder:
     """Adds per-unit partial sums into a total in unit order, whichever worker finishes first: the sum
-    does not depend on the thread count or on timing."""
+    does not depend on the thread count or on timing. A partial that arrives before its turn waits in
+    `pending` and the worker goes on (waiting for the turn made the workers step in lockstep); a worker
+    waits only when it is `ahead` units in front of the next partial due, which bounds the memory."""
 
-    def __init__(self, total):
-        self.total, self.next, self.turn = total, 0, threading.Condition()
+    def __init__(self, total, ahead):
+        self.total, self.ahead, self.next, self.pending, self.turn = total, ahead, 0, {}, threading.Condition()
 
     def add(self, index, partial):
         with self.turn:
-            self.turn.wait_for(lambda: self.next == index)
-            self.total += partial
-            self.next += 1
+            self.turn.wait_for(lambda: index - self.next < self.ahead)
+            self.pending[index] = partial
+            while self.next in self.pending:
+                self.total += self.pending.pop(self.next)
+                self.next += 1
             self.turn.notify_all()
 
 
@@ -185,7 +199,7 @@ class _Unfolding:
     def __init__(self, p, dtype, largest_unit, row_shifted):
         self.p = p
         self.wide = p.stride == (1, 1)
-        self.row_width = p.padded_width if self.wide else p.out_width
+        self.row_width = _row_width(p)
         images, rows = (s.stop - s.start for s in largest_unit)
         self.span = p.dilation[0] * (p.kernel_height - 1) if self.wide else 0  # the rows a band reads beyond its own
         if row_shifted:  # taps of one kernel row; products of every kernel row
@@ -195,9 +209,10 @@ class _Unfolding:
             cols, out = p.in_channels * p.kernel_height * p.kernel_width * rows, p.out_channels * rows
         self.cols = np.empty(cols * images * self.row_width, dtype)
         self.out = np.empty(out * images * self.row_width, dtype)
-        if self.wide:  # the padded input rows one unit reads, plus one row for the last tap's overrun
-            self.band_height = rows + self.span + 1
-            self.padded = np.zeros((images, p.in_channels, self.band_height, p.padded_width), dtype)
+        if self.wide:  # the padded input rows one unit reads, then zero rows for the last tap's overrun
+            self.band_rows = rows + self.span
+            overrun = -(-(p.kernel_width - 1) * p.dilation[1] // self.row_width)
+            self.padded = np.zeros((images, p.in_channels, self.band_rows + overrun, self.row_width), dtype)
 
     def _view(self, flat, leading, images, rows):
         shape = leading + (images.stop - images.start, rows.stop - rows.start, self.row_width)
@@ -217,13 +232,13 @@ class _Unfolding:
         holds from row `at` on."""
         p = self.p
         top = rows.start - p.padding[0]  # the input row of the band's first row
-        start, stop = max(0, top), min(p.in_height, top + self.band_height - 1)
+        start, stop = max(0, top), min(p.in_height, top + self.band_rows)
         band = self.padded[:images.stop - images.start]
         return band, start, stop, start - top
 
     def _tap_offsets(self):
         p = self.p
-        return [(kh, kw, kh * p.dilation[0] * p.padded_width + kw * p.dilation[1])
+        return [(kh, kw, kh * p.dilation[0] * self.row_width + kw * p.dilation[1])
                 for kh in range(p.kernel_height) for kw in range(p.kernel_width)]
 
     def _strided_taps(self, rows):
@@ -234,7 +249,7 @@ class _Unfolding:
         return [(kh, kw, tap_rows[kh], tap_cols[kw]) for kh in range(p.kernel_height) for kw in range(p.kernel_width)]
 
     def _padded_band(self, x, images, rows):
-        """The unit's padded input rows, flattened: (C_in, nb, band_height * padded_width)."""
+        """The unit's padded input rows, flattened: (C_in, nb, band height * row_width)."""
         p = self.p
         band, start, stop, at = self._band(images, rows)
         band[:, :, :at] = 0
@@ -243,7 +258,7 @@ class _Unfolding:
         return band.reshape(band.shape[0], band.shape[1], -1).transpose(1, 0, 2)
 
     def unfold_kernel_row(self, x, images, rows):
-        """Stride 1: the columns of one kernel row, (C_in, KW, nb, (rows + span) * padded_width): tap kw's
+        """Stride 1: the columns of one kernel row, (C_in, KW, nb, (rows + span) * row_width): tap kw's
         slab is the padded band shifted by kw * dilation, over the unit's rows and the `span` rows below
         them that the lower kernel rows reach (row_shifted_forward adds those in)."""
         p, flat = self.p, self._padded_band(x, images, rows)
@@ -256,7 +271,7 @@ class _Unfolding:
         return cols
 
     def row_shifted_forward(self, wk, bias, x, images, rows, y_unit):
-        """y_unit (G, C_out/G, nb, rows, out_width) = the unit's forward convolution (+ bias, (G, C_out/G, 1),
+        """y_unit (G, C_out/G, nb, rows, out_width) = the unit's forward convolution (+ bias, (G, C_out/G, 1, 1, 1),
         or None), as one GEMM of every kernel row's weights with the columns of one kernel row (a third of
         im2col's copying for 3x3), then the sum of each kernel row's products shifted down by its rows:
         wk is the weight as (G, KH * C_out/G, C_in/G * KW)."""
@@ -275,10 +290,12 @@ class _Unfolding:
             for kh in range(1, p.kernel_height):
                 shift = kh * p.dilation[0] * width
                 total[:block - shift] += products[kh * block + shift:(kh + 1) * block]
-            if bias is not None:
-                total.reshape(bias.shape[1], -1)[...] += bias[g]
         totals = out.reshape(groups, -1)[:, :block].reshape(groups, -1, nb, rows_n + self.span, width)
-        y_unit[...] = totals[:, :, :, :rows_n, :p.out_width]
+        totals = totals[:, :, :, :rows_n, :p.out_width]
+        if bias is None:
+            y_unit[...] = totals
+        else:
+            np.add(totals, bias, out=y_unit)
 
     def row_shifted_weight_gradient(self, gy, x, images, rows):
         """The unit's weight gradient, (G, KH, C_out/G, C_in/G, KW), from the columns of one kernel row:
@@ -362,7 +379,7 @@ def conv2d_forward(x, w, b, p):
         wk = np.ascontiguousarray(w.reshape(*per_group, -1, p.kernel_height, p.kernel_width).transpose(0, 3, 1, 2, 4))
         wk = wk.reshape(p.groups, p.kernel_height * per_group[1], -1)
         y_groups = y.reshape(p.batch, *per_group, p.out_height, p.out_width)
-        bias = None if b is None else b.reshape(*per_group, 1)
+        bias = None if b is None else b.reshape(*per_group, 1, 1, 1)
 
         def work(unfolding, index, unit):
             images, rows = unit
@@ -397,7 +414,7 @@ def _grad_output_unit(unfolding, gy, images, rows):
 
 def conv2d_backward_weight(gy, x, p):
     gw = np.zeros(p.weight_shape, gy.dtype)
-    total = _InOrder(gw)
+    total = _InOrder(gw, ahead=2 * get_num_threads())
     if _is_pointwise(p):
         def work(unfolding, index, unit):
             xg, gyg = _pointwise_matrices(x, p, unit), _pointwise_matrices(gy, p, unit)
