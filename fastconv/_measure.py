@@ -61,15 +61,30 @@ def time_call(fn, budget=0.3, min_repeats=3, max_repeats=100):
     return outcome
 
 
-def gemm_rate(threads, size=2048, budget=0.3):
-    """GFLOP/s of NumPy's float32 matmul (size^3) with BLAS limited to `threads`: the machine's
-    practical peak for the dense arithmetic a convolution is made of."""
+GEMM_SIZE = 2048
+
+
+def gemm_call(threads, size=GEMM_SIZE):
+    """NumPy's float32 matmul of two size x size matrices with BLAS limited to `threads`, as a no-argument
+    function with its FLOPs in `.flops`: the machine's practical peak for the dense arithmetic a convolution
+    is made of."""
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
     out = np.empty_like(a)
-    with blas_threads(threads):
-        timing, _ = time_call(lambda: np.matmul(a, b, out=out), budget)
-    return 2 * size**3 / timing.best / 1e9
+
+    def call():
+        with blas_threads(threads):
+            np.matmul(a, b, out=out)
+
+    call.flops = 2 * size**3
+    return call
+
+
+def gemm_rate(threads, size=GEMM_SIZE, budget=0.3):
+    """GFLOP/s of gemm_call, at its best."""
+    call = gemm_call(threads, size)
+    timing, _ = time_call(call, budget)
+    return call.flops / timing.best / 1e9
 
 
 def copy_bandwidth(threads, megabytes=256, budget=0.3):

@@ -42,8 +42,7 @@ def report(args):
     """Time every available backend and PyTorch over the benchmark suite; write an HTML/Markdown report."""
     from fastconv import report
 
-    if not args.default_allocator:
-        report.reexec_with_reused_buffers(args.argv)
+    report.reexec_for_measuring(args.argv, reuse_buffers=not args.default_allocator)
     report.run(args.out, quick=args.quick, threads=args.threads, with_torch=not args.no_torch,
                command=" ".join(["fastconv", *args.argv]))
 

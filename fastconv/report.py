@@ -2,9 +2,11 @@
 a self-contained folder: report.html (plots embedded), report.md with the plots beside it as PNG files,
 and results.json with the raw numbers.
 
-Each figure is compared with ceilings measured in the same run: NumPy's float32 GEMM rate for the
-convolutions, a parallel copy's bandwidth for the poolings. Every side runs in this one process with the
-same thread count and, unless --default-allocator is given, with freed buffers reused (GLIBC_TUNABLES).
+Each convolution's figure is compared with NumPy's float32 2048^3 GEMM, which takes its turns with the sides
+(the share of the GEMM rate is a ratio of two medians measured under the same load); each pooling's with a
+parallel copy's bandwidth. The ceilings (GEMM and copy at their best, before and after the cases) draw the
+plots' lines. Every side runs in this one process with the same thread count and, unless --default-allocator
+is given, with freed buffers reused (GLIBC_TUNABLES).
 """
 from __future__ import annotations
 
@@ -26,11 +28,16 @@ import numpy as np
 import fastconv
 
 from . import dispatch, suite
-from ._measure import copy_bandwidth, gemm_rate, time_calls
+from ._measure import GEMM_SIZE, copy_bandwidth, gemm_call, gemm_rate, time_calls
 
 # Freed buffers go back to the heap and are reused, instead of fresh pages (~1.4 us per 4 KiB page)
 # on every large allocation: the kernels are measured, not the allocator. glibc reads this at start-up.
 REUSED_BUFFERS = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
+# OpenBLAS's threads spin for ~0.1 s after a call before they sleep, and slow any 2-thread kernel started
+# then 2-3x: the GEMM reference, which takes turns with the sides, would charge the side after it. OpenBLAS
+# reads this (2^4 cycles of spinning) when it loads. No side uses BLAS's own threads.
+BLAS_THREAD_TIMEOUT = ("OPENBLAS_THREAD_TIMEOUT", "4")
+GEMM_SIDE = "NumPy GEMM"  # the reference's name among the sides of a time_calls
 
 OP_TITLES = {
     "conv2d_forward": "conv2d forward",
@@ -46,13 +53,18 @@ def reusing_buffers():
     return all(setting in tunables for setting in REUSED_BUFFERS.split(":"))
 
 
-def reexec_with_reused_buffers(argv):
-    """Restart this process as `python -m fastconv ARGV` with REUSED_BUFFERS in GLIBC_TUNABLES, unless it
-    is already there (glibc reads the variable only at process start)."""
-    if reusing_buffers():
+def reexec_for_measuring(argv, reuse_buffers=True):
+    """Restart this process as `python -m fastconv ARGV` with BLAS_THREAD_TIMEOUT in the environment and,
+    with reuse_buffers, REUSED_BUFFERS in GLIBC_TUNABLES, unless they are there already (glibc and
+    OpenBLAS read them only when they start). A value the user set for the timeout is kept."""
+    name, value = BLAS_THREAD_TIMEOUT
+    env = dict(os.environ)
+    env.setdefault(name, value)
+    if reuse_buffers and not reusing_buffers():
+        current = env.get("GLIBC_TUNABLES")
+        env["GLIBC_TUNABLES"] = f"{current}:{REUSED_BUFFERS}" if current else REUSED_BUFFERS
+    if env == dict(os.environ):
         return
-    current = os.environ.get("GLIBC_TUNABLES")
-    env = dict(os.environ, GLIBC_TUNABLES=f"{current}:{REUSED_BUFFERS}" if current else REUSED_BUFFERS)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "fastconv", *argv], env)
@@ -115,8 +127,9 @@ def _failed(error):
 TURN_CALLS = 3
 
 
-def _measure(sides, case, op, dtype, inputs, reference, budget, min_repeats):
-    """The rows of `op` of `case`, one per side (a backend name or "torch"), timed side by side."""
+def _measure(sides, case, op, dtype, inputs, reference, budget, min_repeats, gemm):
+    """The rows of `op` of `case`, one per side (a backend name or "torch"), timed side by side; a
+    convolution's with the GEMM reference `gemm` (returned by gemm_call) taking its turns too."""
     conv = isinstance(case, suite.Conv)
     rows, calls = {}, {}
     for side in sides:
@@ -130,7 +143,16 @@ def _measure(sides, case, op, dtype, inputs, reference, budget, min_repeats):
             calls[side] = suite.torch_call(case, op, inputs)
         else:
             calls[side] = suite.fastconv_call(case, op, inputs, side)
-    for side, outcome in time_calls(calls, budget, min_repeats, burst=TURN_CALLS).items():
+    if conv:
+        calls[GEMM_SIDE] = gemm
+    outcomes = time_calls(calls, budget, min_repeats, burst=TURN_CALLS)
+    gemm_gflops = None
+    if conv:
+        gemm_outcome = outcomes.pop(GEMM_SIDE)
+        if isinstance(gemm_outcome, Exception):
+            raise gemm_outcome
+        gemm_gflops = gemm.flops / gemm_outcome[0].median / 1e9
+    for side, outcome in outcomes.items():
         row = rows[side]
         if isinstance(outcome, Exception):  # one broken backend must not stop the report: it says what failed
             row.update(_failed(outcome))
@@ -140,6 +162,7 @@ def _measure(sides, case, op, dtype, inputs, reference, budget, min_repeats):
                    first_call_s=timing.first_call, gbs=row["bytes"] / timing.median / 1e9)
         if conv:
             row["gflops"] = row["flops"] / timing.median / 1e9
+            row["gemm_gflops"] = gemm_gflops  # the reference's median, in the same turns
         if op == "max_pool2d_forward":
             result, indices = result
             row["indices_equal"] = bool(np.array_equal(indices, inputs["indices"]))
@@ -197,7 +220,7 @@ def _runs(convs, pools):
 
 
 def collect(convs, pools, threads, budget=0.3, min_repeats=3, with_torch=True, progress=True,
-            command="fastconv report"):
+            command="fastconv report", gemm_size=GEMM_SIZE):
     """Measure every available backend (and PyTorch) on the given cases; returns the JSON-able results."""
     from tqdm import tqdm
 
@@ -212,12 +235,13 @@ def collect(convs, pools, threads, budget=0.3, min_repeats=3, with_torch=True, p
         if torch is not None:
             torch.set_num_threads(threads)
         before = _ceilings(threads, budget)
+        gemm = gemm_call(threads, gemm_size)
         for case, dtype, ops in runs:
             inputs = suite.make_inputs(case, dtype)
             for op in ops:
                 bar.set_description(f"{case.name} {OP_TITLES[op].split(' (')[0]}")
                 reference = _reference(case, op, inputs, torch)
-                rows += _measure(sides, case, op, dtype, inputs, reference, budget, min_repeats)
+                rows += _measure(sides, case, op, dtype, inputs, reference, budget, min_repeats, gemm)
                 bar.update(len(sides))
         scaling = (thread_scaling(suite.SCALING_CASE, sides, threads, budget, min_repeats)
                    if threads > 1 and suite.SCALING_CASE in convs else [])
@@ -232,6 +256,7 @@ def collect(convs, pools, threads, budget=0.3, min_repeats=3, with_torch=True, p
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": command,
             "threads": threads, "budget_s": budget, "min_repeats": min_repeats, "turn_calls": TURN_CALLS,
+            "gemm_size": gemm_size,
             "allocator": "reused" if reusing_buffers() else "default",
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
             "naive_max_flops": suite.NAIVE_MAX_FLOPS,
@@ -360,7 +385,7 @@ def _bar_chart(results, op, colors):
         xs = [i + (k - (len(sides) - 1) / 2) * width for i, c in enumerate(cases) if c in values]
         ax.bar(xs, [values[c] for c in cases if c in values], width, label=side, color=colors[side])
     ax.axhline(results["ceilings"][ceiling], color="black", linestyle="--", linewidth=1,
-               label="NumPy float32 GEMM" if conv else "parallel copy")
+               label="NumPy float32 GEMM at its best" if conv else "parallel copy")
     ax.set_yscale("log")
     ax.set_ylim(top=2 * max([results["ceilings"][ceiling]] + [r[rate] for r in rows]))
     ax.set_ylabel("GFLOP/s" if conv else "GB/s (bytes read + written)")
@@ -427,8 +452,10 @@ def _op_table(results, op, dtype):
     """Headers and rows of one op's table: a row per case and side."""
     rows = [r for r in results["rows"] if r["op"] == op and r["dtype"] == dtype]
     conv = op in suite.CONV_OPS
-    ceiling = results["ceilings"]["gemm_gflops" if conv else "copy_gbs"]
     rate = "gflops" if conv else "gbs"
+
+    def share(r):  # a convolution's against the GEMM measured in its turns, a pooling's against the ceiling
+        return r[rate] / (r["gemm_gflops"] if conv else results["ceilings"]["copy_gbs"])
     over_im2col = {}
     over_torch = {}
     for side in results["sides"]:
@@ -450,7 +477,7 @@ def _op_table(results, op, dtype):
         speedup_im2col = over_im2col[r["backend"]].get(r["case"])
         speedup_torch = over_torch[r["backend"]].get(r["case"])
         table.append([
-            case, r["backend"], _num(r["median_s"] * 1e3), _num(r[rate]), f"{100 * r[rate] / ceiling:.0f}%",
+            case, r["backend"], _num(r["median_s"] * 1e3), _num(r[rate]), f"{100 * share(r):.0f}%",
             f"{speedup_im2col:.2f}" if speedup_im2col else "", f"{speedup_torch:.2f}" if speedup_torch else "",
             error, note,
         ])
@@ -528,9 +555,12 @@ def _blocks(results, plots):
               f"max_pool2d_backward with backend=..., PyTorch's gradients one at a time through "
               f"aten.convolution_backward and aten.max_pool2d_with_indices_backward). "
               f"`naive` (Python loops) runs only on convolutions under {meta['naive_max_flops']:.0e} FLOPs. "
-              f"Ceilings measured in this run (before and after the cases, the higher kept): NumPy float32 GEMM "
-              f"(2048^3) {ceilings['gemm_gflops']:.1f} GFLOP/s, {meta['threads']}-thread copy "
-              f"{ceilings['copy_gbs']:.1f} GB/s (read + written)."),
+              f"% of GEMM: a convolution's GFLOP/s over those of NumPy's float32 {meta['gemm_size']}^3 matmul "
+              f"({meta['threads']} BLAS threads), which takes its turns with the sides of each comparison: two "
+              f"medians under the same load (this machine's speed drifts by tens of percent within minutes). "
+              f"Ceilings measured in this run (at their best, before and after the cases, the higher kept; the "
+              f"plots' lines, and % of copy for pooling): NumPy float32 GEMM {ceilings['gemm_gflops']:.1f} "
+              f"GFLOP/s, {meta['threads']}-thread copy {ceilings['copy_gbs']:.1f} GB/s (read + written)."),
         ("p", "x im2col and x PyTorch: the other side's time divided by this one's (above 1: this one is "
               "faster). Error vs float64: ||y - y64|| / ||y64||, y64 computed in float64 from the same inputs. "
               "GB/s for pooling counts every array read and written once, int64 indices included."),

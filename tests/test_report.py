@@ -19,7 +19,8 @@ def results():
     with pytest.MonkeyPatch.context() as patch:  # the ceilings' full-size runs take seconds: tested below
         patch.setattr(report, "gemm_rate", lambda threads, budget: 100.0)
         patch.setattr(report, "copy_bandwidth", lambda threads, budget: 10.0)
-        return report.collect(TINY_CONVS, TINY_POOLS, threads=1, budget=0.001, min_repeats=1, progress=False)
+        return report.collect(TINY_CONVS, TINY_POOLS, threads=1, budget=0.001, min_repeats=1, progress=False,
+                              gemm_size=64)
 
 
 def test_ceilings_and_timer():
@@ -42,6 +43,8 @@ def test_every_side_measures_every_case(results):
                 assert row["status"] in ("ok", "skipped"), row
                 if row["status"] == "ok":
                     assert row["median_s"] > 0 and row["repeats"] >= 1
+                    if row["kind"] == "conv":  # the GEMM reference measured in the same turns
+                        assert row["gemm_gflops"] > 0
                     assert row["error"] <= 1e-5, row
                     assert row.get("indices_equal", True), row
 
@@ -68,18 +71,25 @@ def test_reference_inputs_match_every_pooling_backend():
         assert np.array_equal(indices, inputs["indices"]), backend
 
 
-def test_restarts_itself_with_reused_buffers(monkeypatch):
+def test_restarts_itself_with_reused_buffers_and_sleeping_blas_threads(monkeypatch):
     calls = []
     monkeypatch.setattr(report.os, "execve", lambda *args: calls.append(args))
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.pthread.rseq=0")
-    report.reexec_with_reused_buffers(["report", "--quick"])
+    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    report.reexec_for_measuring(["report", "--quick"])
     (executable, argv, env), = calls
     assert argv[1:] == ["-m", "fastconv", "report", "--quick"]
     assert env["GLIBC_TUNABLES"] == "glibc.pthread.rseq=0:" + report.REUSED_BUFFERS
+    assert env["OPENBLAS_THREAD_TIMEOUT"] == "4"
 
     monkeypatch.setenv("GLIBC_TUNABLES", report.REUSED_BUFFERS)
-    report.reexec_with_reused_buffers(["report"])
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "6")  # the user's own setting is kept
+    report.reexec_for_measuring(["report"])
     assert len(calls) == 1  # already set: no restart
+
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    report.reexec_for_measuring(["report", "--default-allocator"], reuse_buffers=False)
+    assert len(calls) == 1
 
 
 def test_thread_scaling_rows_and_table(results):
@@ -91,3 +101,13 @@ def test_thread_scaling_rows_and_table(results):
     assert all(r["status"] == "ok" and r["gflops"] > 0 for r in rows), rows
     shown = report._markdown(report._blocks(dict(results, scaling=rows), {}))
     assert "## Threads at batch 1" in shown and all(f"| {side} |" in shown for side in sides)
+
+
+def test_share_of_gemm_is_against_the_reference_in_the_same_turns(results):
+    """% of GEMM divides by the GEMM measured in the row's own turns, not by the ceiling."""
+    op = "conv2d_forward"
+    changed = dict(results, rows=[dict(r, gemm_gflops=r["gflops"] * 4) if r.get("gflops") else r
+                                  for r in results["rows"]])
+    headers, table = report._op_table(changed, op, "float32")
+    shares = [line[headers.index("% of GEMM")] for line in table if line[headers.index("% of GEMM")]]
+    assert shares and set(shares) == {"25%"}
