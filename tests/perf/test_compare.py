@@ -4,16 +4,20 @@
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \\
     pytest -m perf tests/perf/test_compare.py --benchmark-enable --benchmark-group-by=param:shape
 
-(-k "forward and 3x3" and the like pick a part.) `fastconv report` measures the same cases with GFLOP/s,
-ceilings and errors; this is the quick look from pytest."""
+(-k "forward and 3x3" and the like pick a part; the GEMM reference always runs first.) A summary after
+the tables gives each convolution's GFLOP/s and its share of NumPy's float32 2048^3 GEMM measured in the
+same run. `fastconv report` measures the same cases with the sides taking turns, ceilings and errors; this
+is the quick look from pytest."""
 import functools
 import importlib.util
+import time
 
 import numpy as np
 import pytest
 
 import fastconv
 from fastconv import dispatch, suite
+from fastconv._measure import gemm_call
 
 pytestmark = pytest.mark.perf
 
@@ -40,9 +44,18 @@ def inputs(shape):
     return suite.make_inputs(suite.by_name(shape), np.float32)
 
 
+def test_gemm_reference(benchmark, record_rate):
+    """NumPy's float32 2048^3 matmul on fastconv's thread count: the rate the convolutions are shared of."""
+    call = gemm_call(fastconv.get_num_threads())
+    benchmark.group = "reference: NumPy float32 matmul 2048^3"
+    benchmark.pedantic(call, rounds=5, iterations=1, warmup_rounds=1)
+    record_rate(benchmark, "reference", call.flops / 1e9)
+    time.sleep(0.3)  # OpenBLAS's threads spin ~0.1 s after a call: not into the next benchmark
+
+
 @pytest.mark.parametrize("side", SIDES)
 @pytest.mark.parametrize("shape, op", CASES)
-def test_compare(benchmark, shape, op, side):
+def test_compare(benchmark, record_rate, shape, op, side):
     case = suite.by_name(shape)
     if side == "torch":
         call = suite.torch_call(case, op, inputs(shape))
@@ -57,3 +70,5 @@ def test_compare(benchmark, shape, op, side):
     benchmark.group = f"{shape} {op}"  # the default grouping; --benchmark-group-by=param:shape overrides it
     benchmark.extra_info["gflops"] = case.flops / 1e9 if isinstance(case, suite.Conv) else None
     benchmark.pedantic(call, rounds=5, iterations=1, warmup_rounds=1)  # warm-up: JIT compilation, caches
+    if isinstance(case, suite.Conv):
+        record_rate(benchmark, f"{shape} {op} {side}", case.flops / 1e9)
