@@ -213,6 +213,7 @@ class _Unfolding:
         self.out = np.empty(out * images * self.row_width, dtype)
         if self.wide:  # the padded input rows one unit reads, then zero rows for the last tap's overrun
             self.band_rows, self.band_layout, self.band_images = rows + self.span, None, 0
+            self.stacked_layout = None  # row_shifted_weight_gradient's zeros around grad_output
             overrun = -(-(p.kernel_width - 1) * p.dilation[1] // self.row_width)
             self.padded = np.zeros((images, p.in_channels, self.band_rows + overrun, self.row_width), dtype)
 
@@ -312,13 +313,15 @@ class _Unfolding:
         groups, nb, rows_n, width = p.groups, cols.shape[2], rows.stop - rows.start, self.row_width
         stacked = self.out[:p.kernel_height * p.out_channels * nb * cols.shape[3]].reshape(
             groups, p.kernel_height, -1, nb, rows_n + self.span, width)
+        if (nb, rows_n) != self.stacked_layout:  # the copies land in the same cells unit after unit
+            stacked[...] = 0
+            self.stacked_layout = (nb, rows_n)
         gy_unit = gy[images, :, rows].transpose(1, 0, 2, 3).reshape(groups, -1, nb, rows_n, p.out_width)
-        for kh in range(p.kernel_height):
-            shift, copy = kh * p.dilation[0], stacked[:, kh]
-            copy[..., :shift, :] = 0
-            copy[..., shift + rows_n:, :] = 0
-            copy[..., shift:shift + rows_n, :p.out_width] = gy_unit
-            copy[..., shift:shift + rows_n, p.out_width:] = 0
+        # Copy kh sits kh * dilation rows down in block kh: one strided view takes every copy in one call.
+        strides = stacked.strides
+        copies = as_strided(stacked, (groups, p.kernel_height) + gy_unit.shape[1:],
+                            (strides[0], strides[1] + p.dilation[0] * strides[4]) + strides[2:])
+        copies[...] = gy_unit[:, None]
         products = stacked.reshape(groups, -1, nb * cols.shape[3]) @ cols.reshape(groups, -1, nb * cols.shape[3]).transpose(0, 2, 1)
         return products.reshape(groups, p.kernel_height, -1, p.in_channels // groups, p.kernel_width)
 
@@ -418,8 +421,19 @@ def _grad_output_unit(unfolding, gy, images, rows):
 
 
 def conv2d_backward_weight(gy, x, p):
+    ahead = 2 * get_num_threads()  # partials that may wait for their turn
+    # Row-shifted pairs every input pixel of a unit with grad_output, zeros included, so an inf in x would
+    # turn into NaN where PyTorch has none: such inputs (rare; a sum finds them) take the im2col path.
+    if _row_shifted(p) and np.isfinite(x.sum()):
+        per_kernel_row = np.zeros((p.groups, p.kernel_height, p.out_channels // p.groups, p.in_channels // p.groups,
+                                   p.kernel_width), gy.dtype)
+        total = _InOrder(per_kernel_row, ahead)
+        _for_each_unit(p, x.dtype, lambda unfolding, index, unit: total.add(
+            index, unfolding.row_shifted_weight_gradient(gy, x, *unit)), row_shifted=True)
+        return np.ascontiguousarray(per_kernel_row.transpose(0, 2, 3, 1, 4)).reshape(p.weight_shape)
+
     gw = np.zeros(p.weight_shape, gy.dtype)
-    total = _InOrder(gw, ahead=2 * get_num_threads())
+    total = _InOrder(gw, ahead)
     if _is_pointwise(p):
         def work(unfolding, index, unit):
             xg, gyg = _pointwise_matrices(x, p, unit), _pointwise_matrices(gy, p, unit)
@@ -429,15 +443,6 @@ def conv2d_backward_weight(gy, x, p):
             total.add(index, partial.reshape(p.weight_shape))
 
         _for_each_unit(p, x.dtype, work, workspace=False)
-        return gw
-    # Row-shifted pairs every input pixel of a unit with grad_output, zeros included, so an inf in x would
-    # turn into NaN where PyTorch has none: such inputs (rare; a sum finds them) take the im2col path.
-    if _row_shifted(p) and np.isfinite(x.sum()):
-        def work(unfolding, index, unit):
-            partial = unfolding.row_shifted_weight_gradient(gy, x, *unit)  # (G, KH, C_out/G, C_in/G, KW)
-            total.add(index, partial.transpose(0, 2, 3, 1, 4).reshape(p.weight_shape))
-
-        _for_each_unit(p, x.dtype, work, row_shifted=True)
         return gw
 
     def work(unfolding, index, unit):
