@@ -12,8 +12,8 @@ Stride-1 convolutions use "wide" rows: each output row is computed over a whole 
 so a tap's slab of cols is one contiguous run of it and im2col/col2im are plain block copies and adds.
 The extra columns (row pitch - output width) are computed and dropped. Neighbouring rows share their
 padding columns (the pitch is W + max(left, right) pads, not W + both): a tap reaching past a row's right
-end reads the next row's left padding, zeros too. Other strides fill
-cols tap by tap from strided views of the input, with zeros where a tap falls in padding.
+end reads the next row's left padding, zeros too. Other strides fill cols tap by tap from strided views
+of the input, with zeros where a tap falls in padding.
 
 Most stride-1 layers go further and run "row-shifted" (_row_shifted): cols holds the taps of one kernel
 row only (KW slabs instead of KH * KW), and kernel row kh's contribution to output row r is its product
@@ -196,7 +196,8 @@ class _InOrder:
 
 
 class _Unfolding:
-    """One worker's workspace and the unfold (im2col) and fold (col2im) of units of work."""
+    """One worker's workspace and the unfold (im2col) and fold (col2im) of units of work. One per worker
+    and call, which either unfolds or folds: an unfold trusts the zeros it left around the input rows."""
 
     def __init__(self, p, dtype, largest_unit, row_shifted):
         self.p = p
@@ -350,7 +351,6 @@ class _Unfolding:
         if self.wide:
             band, start, stop, at = self._band(images, rows)
             band[...] = 0
-            self.band_layout = None  # the padding cells take sums too: zero them again before an unfold
             flat = band.reshape(band.shape[0], band.shape[1], -1).transpose(1, 0, 2)
             run = dcols.shape[4] * dcols.shape[5]
             for kh, kw, offset in self._tap_offsets():
