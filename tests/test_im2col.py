@@ -31,7 +31,16 @@ def test_row_shifted_cases_are_drawn():
     assert len(ROW_SHIFTED) >= 15
 
 
-@pytest.mark.parametrize("case", conv_cases(40, seed=31) + ROW_SHIFTED, ids=case_id)
+# Paddings beyond the kernel's reach: a band of output rows can lie wholly in the padding.
+PADDED_BEYOND_REACH = [
+    dict(x_shape=(4, 5, 4, 12), w_shape=(2, 5, 2, 3), stride=(1, 1), padding=(4, 2), dilation=(2, 1), groups=1,
+         bias=True),
+    dict(x_shape=(2, 8, 3, 10), w_shape=(4, 8, 2, 3), stride=(1, 1), padding=(3, 1), dilation=(1, 1), groups=1,
+         bias=False),  # row-shifted
+]
+
+
+@pytest.mark.parametrize("case", conv_cases(40, seed=31) + ROW_SHIFTED + PADDED_BEYOND_REACH, ids=case_id)
 def test_every_unit_size_matches_oracle(workspace_limit, case):
     x, w, b, gy = conv_arrays(case, np.float64)
     kw = conv_kwargs(case)

@@ -233,11 +233,13 @@ class _Unfolding:
 
     def _band(self, images, rows):
         """A wide unit's padded band, flattened per (channel, image), and the input rows [start, stop) it
-        holds from row `at` on."""
+        holds from row `at` on (none, at 0, for a band of rows that lies wholly in the padding)."""
         p = self.p
         top = rows.start - p.padding[0]  # the input row of the band's first row
         start, stop = max(0, top), min(p.in_height, top + self.band_rows)
         band = self.padded[:images.stop - images.start]
+        if stop <= start:
+            return band, 0, 0, 0
         return band, start, stop, start - top
 
     def _tap_offsets(self):
