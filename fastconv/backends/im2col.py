@@ -23,10 +23,12 @@ is one GEMM per kernel row against cols shifted by its rows. A third of the copy
 GEMM, which OpenBLAS runs faster (measured: 115-138 GFLOP/s on one core against 84-92 for im2col's
 64 x 576 shape on 64x64x32x32 -> 64).
 
-Units run on a small pool of Python threads (NumPy releases the GIL), each with its own workspace and a
-single-threaded BLAS: one thread's unfolding overlaps the other's GEMM, and a GEMM per core is more
-efficient than one GEMM split over the cores at these shapes. Weight-gradient partials are added in unit
-order, so results do not depend on the thread count.
+Units run on the calling thread and a small pool of Python threads (NumPy releases the GIL), each with
+its own workspace and a single-threaded BLAS: one thread's unfolding overlaps the other's GEMM, and a
+GEMM per core is more efficient than one GEMM split over the cores at these shapes. Every NumPy call hands
+the GIL over between the threads, which costs most when a thread has to be woken, so a unit makes few
+calls. Weight-gradient partials are added in unit order, so results do not depend on the thread count
+for a given plan of units.
 """
 import contextlib
 import math
@@ -172,8 +174,13 @@ def _for_each_unit(p, dtype, work, row_shifted=False, folds=False, workspace=Tru
             _executor["pool"] = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
                                                    thread_name_prefix="fastconv-im2col")
     with blas_threads(1):
-        for future in [_executor["pool"].submit(worker) for _ in range(min(workers, len(groups)))]:
-            future.result()
+        # The calling thread is one of the workers: a thread asleep takes long to wake in a virtual machine.
+        helpers = [_executor["pool"].submit(worker) for _ in range(min(workers, len(groups)) - 1)]
+        try:
+            worker()
+        finally:  # the helpers are done with the caller's arrays before it returns, or raises
+            for future in helpers:
+                future.result()
 
 
 class _InOrder:
