@@ -4,9 +4,9 @@
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \\
     pytest -m perf tests/perf/test_compare.py --benchmark-enable --benchmark-group-by=param:shape
 
-(-k "forward and 3x3" and the like pick a part; the GEMM reference always runs first.) A summary after
-the tables gives each convolution's GFLOP/s and its share of NumPy's float32 2048^3 GEMM measured in the
-same run. `fastconv report` measures the same cases with the sides taking turns, ceilings and errors; this
+(-k "reference or (forward and 3x3)" and the like pick a part; the GEMM reference, when selected, runs
+first.) A summary at the end gives each convolution's GFLOP/s and its share of NumPy's float32 2048^3 GEMM
+measured in the same run. `fastconv report` measures the same cases with the sides taking turns, ceilings and errors; this
 is the quick look from pytest."""
 import functools
 import importlib.util
