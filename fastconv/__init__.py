@@ -1,13 +1,21 @@
 """fastconv: fast CPU kernels for 2-D convolution and max-pooling, forward and backward, behind one
-PyTorch-compatible API with interchangeable backends."""
-from .api import conv2d, conv2d_backward, max_pool2d, max_pool2d_backward
-from .dispatch import available_backends, backend_status, get_backend, select_backend, set_backend, use_backend
+PyTorch-compatible API with interchangeable backends and algorithms."""
+from .api import conv2d, conv2d_backward, explain, max_pool2d, max_pool2d_backward
+from .dispatch import (
+    algorithms,
+    available_backends,
+    backend_status,
+    get_backend,
+    set_backend,
+    use_backend,
+)
+from .ops import UnsupportedError
 from .threads import get_num_threads, set_num_threads, threads
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward",
-    "available_backends", "backend_status", "get_backend", "select_backend", "set_backend", "use_backend",
-    "get_num_threads", "set_num_threads", "threads",
+    "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "explain",
+    "algorithms", "available_backends", "backend_status", "get_backend", "set_backend", "use_backend",
+    "UnsupportedError", "get_num_threads", "set_num_threads", "threads",
 ]

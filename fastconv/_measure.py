@@ -53,6 +53,45 @@ def _done(times, budget, min_repeats, max_repeats):
     return len(times) >= max_repeats or (spent >= budget and (len(times) >= min_repeats or spent >= 4 * budget))
 
 
+def race(calls, cap=1.0, min_rounds=3, max_rounds=200, margin=1.25, tie=0.03):
+    """Which of several no-argument functions (a dict name -> function) is fastest: each is called once to
+    warm up (not timed), then all take turns in rounds, each round starting with the next one, so that a
+    change of load hits all of them alike. After min_rounds, a function whose fastest call is slower than
+    `margin` x the median of the leader is dropped. The race ends when one is left, when those left are
+    within `tie` of each other after 2 x min_rounds, after max_rounds, or after `cap` seconds of timed calls
+    (but not before min_rounds, unless the calls took twice that: slow calls stop after a few).
+    Returns ({name: median seconds} of every function that ran, the name of the fastest median among those
+    left); a function that raises is left out (if all raise, the first error is raised)."""
+    errors, times = {}, {}
+    for name, fn in calls.items():
+        try:
+            fn()
+        except Exception as error:  # the others go on; reported only if none of them runs
+            errors[name] = error
+            continue
+        times[name] = []
+    if not times:
+        raise next(iter(errors.values()))
+    left, spent, rounds = list(times), 0.0, 0
+    while True:
+        for k in range(len(left)):
+            name = left[(rounds + k) % len(left)]
+            start = time.perf_counter()
+            calls[name]()
+            elapsed = time.perf_counter() - start
+            times[name].append(elapsed)
+            spent += elapsed
+        rounds += 1
+        medians = {name: statistics.median(times[name]) for name in left}
+        leader = min(medians, key=medians.get)
+        if rounds >= min_rounds:
+            left = [name for name in left if min(times[name]) <= margin * medians[leader]]
+        tied = rounds >= 2 * min_rounds and max(medians[n] for n in left) <= (1 + tie) * medians[leader]
+        out_of_time = spent >= cap and (rounds >= min_rounds or spent >= 2 * cap)
+        if len(left) == 1 or tied or out_of_time or rounds >= max_rounds:
+            return {name: statistics.median(t) for name, t in times.items()}, leader
+
+
 def time_call(fn, budget=0.3, min_repeats=3, max_repeats=100):
     """time_calls for one function: (Timing, the warm-up call's result); its exception is raised."""
     outcome = time_calls({"fn": fn}, budget, min_repeats, max_repeats)["fn"]

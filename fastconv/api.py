@@ -8,7 +8,9 @@ from __future__ import annotations
 import numpy as np
 
 from . import dispatch
+from .ops import CONV_OPS, OPS
 from .params import (
+    PoolBackwardParams,
     check_4d,
     check_float_arrays,
     check_pool_backward,
@@ -43,8 +45,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
         return np.zeros(p.output_shape, dtype)
     x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
     b = None if b is None else np.ascontiguousarray(b)
-    impl = dispatch.backend_for("conv2d_forward", p, dtype, backend, lambda m: m.conv2d_forward(x, w, b, p))
-    return impl.conv2d_forward(x, w, b, p)
+    return dispatch.run("conv2d_forward", p, dtype, backend, x, w, b)
 
 
 def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1, groups=1, *,
@@ -67,15 +68,11 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     if want_input:
         w = np.ascontiguousarray(w)
         grad_input = (np.zeros(p.input_shape, dtype) if p.batch == 0 else
-                      dispatch.backend_for("conv2d_backward_input", p, dtype, backend,
-                                           lambda m: m.conv2d_backward_input(gy, w, p))
-                      .conv2d_backward_input(gy, w, p))
+                      dispatch.run("conv2d_backward_input", p, dtype, backend, gy, w))
     if want_weight:
         x = np.ascontiguousarray(x)
         grad_weight = (np.zeros(p.weight_shape, dtype) if p.batch == 0 else
-                       dispatch.backend_for("conv2d_backward_weight", p, dtype, backend,
-                                            lambda m: m.conv2d_backward_weight(gy, x, p))
-                       .conv2d_backward_weight(gy, x, p))
+                       dispatch.run("conv2d_backward_weight", p, dtype, backend, gy, x))
     if want_bias:
         # Summed in float64: N*H_out*W_out terms per channel is a long float32 sum.
         grad_bias = gy.sum(axis=(0, 2, 3), dtype=np.float64).astype(dtype)
@@ -95,8 +92,7 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
         y, indices = np.zeros(p.output_shape, dtype), np.zeros(p.output_shape, np.int64)
     else:
         x = np.ascontiguousarray(x)
-        impl = dispatch.backend_for("max_pool2d_forward", p, dtype, backend, lambda m: m.max_pool2d_forward(x, p))
-        y, indices = impl.max_pool2d_forward(x, p)
+        y, indices = dispatch.run("max_pool2d_forward", p, dtype, backend, x)
     return (y, indices) if return_indices else y
 
 
@@ -104,10 +100,59 @@ def max_pool2d_backward(grad_output, indices, input_shape, *, backend=None):
     """Gradient of max_pool2d w.r.t. its input: grad_output scattered (and summed) at `indices`.
     An index outside its H*W plane raises ValueError; nothing is written out of bounds."""
     gy, idx = np.asarray(grad_output), np.asarray(indices)
-    input_shape = check_pool_backward(gy, idx, input_shape)
-    if input_shape[0] == 0:
-        return np.zeros(input_shape, gy.dtype)
+    p = check_pool_backward(gy, idx, input_shape)
+    if p.batch == 0:
+        return np.zeros(p.input_shape, gy.dtype)
     gy, idx = np.ascontiguousarray(gy), np.ascontiguousarray(idx, dtype=np.int64)
-    impl = dispatch.backend_for("max_pool2d_backward", input_shape, gy.dtype, backend,
-                                lambda m: m.max_pool2d_backward(gy, idx, input_shape))
-    return impl.max_pool2d_backward(gy, idx, input_shape)
+    return dispatch.run("max_pool2d_backward", p, gy.dtype, backend, gy, idx)
+
+
+def _conv_arguments(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return input, weight, bias, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def _pool_arguments(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+    return input, dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode)
+
+
+def _array(value, dtype, rng):
+    """An argument of explain(): an array, or a shape (a tuple of ints) to fill with normal values."""
+    if isinstance(value, tuple) and all(isinstance(n, int) for n in value):
+        return rng.standard_normal(value).astype(dtype)
+    return np.ascontiguousarray(value)
+
+
+def explain(op, *args, backend=None, dtype=None, **kwargs) -> dispatch.Choice:
+    """Which algorithm runs `op` for a call, and why (printable; its fields say the same).
+
+    op: one of "conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight", "max_pool2d_forward",
+    "max_pool2d_backward". The other arguments are those of conv2d (for the three convolution ops) or of
+    max_pool2d (for the two pooling ops), with arrays or only their shapes (then `dtype`, float32 unless
+    given). Where the choice is not made yet and `auto` measures, it is measured now, on normal values of
+    those shapes, and remembered as a call's would be.
+    """
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+    requested = dispatch.get_backend() if backend is None else dispatch.check_name(backend)
+    rng = np.random.default_rng(0)
+    dtype = np.dtype(dtype or np.float32)
+    if op in CONV_OPS:
+        x, w, b, conv = _conv_arguments(*args, **kwargs)
+        x, w = _array(x, dtype, rng), _array(w, dtype, rng)
+        b = None if b is None else _array(b, dtype, rng)
+        dtype = check_float_arrays(input=x, weight=w, bias=b)
+        p = _conv_setup(x, w, conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
+        gy = rng.standard_normal(p.output_shape).astype(dtype)
+        arrays = {"conv2d_forward": (x, w, b), "conv2d_backward_input": (gy, w), "conv2d_backward_weight": (gy, x)}[op]
+        return dispatch.choose(op, p, dtype, requested, arrays)
+    x, pool = _pool_arguments(*args, **kwargs)
+    x = _array(x, dtype, rng)
+    dtype = check_float_arrays(input=x)
+    check_4d(x, "input", "(N, C, H, W)")
+    p = pool_params(x.shape, *(_hashable(pool[k]) for k in ("kernel_size", "stride", "padding", "dilation")),
+                    pool["ceil_mode"])
+    if op == "max_pool2d_forward":
+        return dispatch.choose(op, p, dtype, requested, (x,))
+    _, indices = max_pool2d(x, **pool, return_indices=True)
+    gy = rng.standard_normal(p.output_shape).astype(dtype)
+    return dispatch.choose(op, PoolBackwardParams(p.input_shape, p.output_shape), dtype, requested, (gy, indices))

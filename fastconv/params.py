@@ -99,6 +99,11 @@ class ConvParams:
         terms_per_output = (self.in_channels // self.groups) * self.kernel_height * self.kernel_width
         return 2 * math.prod(self.output_shape) * terms_per_output
 
+    @property
+    def work(self):
+        """Multiply-adds: what decides whether a call is worth threads (threads.threads_for) or a measurement."""
+        return self.flops // 2
+
     def input_gradient_as_forward(self):
         """For stride 1, the input gradient is a forward convolution of grad_output with the weight flipped
         and its channel axes swapped per group, padded by the kernel span less the original padding.
@@ -194,6 +199,11 @@ class PoolParams:
     def output_shape(self):
         return (self.batch, self.channels, self.out_height, self.out_width)
 
+    @property
+    def work(self):
+        """Elements of the input."""
+        return math.prod(self.input_shape)
+
     def bytes_moved(self, itemsize, with_indices=True):
         """Bytes of input and output read or written once, int64 indices included."""
         out = math.prod(self.output_shape)
@@ -252,8 +262,25 @@ def _check_windows_touch_input(axis, size, out, kernel, stride, pad, dilation):
             )
 
 
-def check_pool_backward(grad_output, indices, input_shape):
-    """Shapes and dtypes of max_pool2d_backward's arguments; returns the normalized input_shape."""
+@dataclass(frozen=True)
+class PoolBackwardParams:
+    """A max-pooling's backward: grad_output and indices of output_shape scattered into input_shape."""
+
+    input_shape: tuple
+    output_shape: tuple
+
+    @property
+    def batch(self):
+        return self.input_shape[0]
+
+    @property
+    def work(self):
+        """Elements of the input gradient."""
+        return math.prod(self.input_shape)
+
+
+def check_pool_backward(grad_output, indices, input_shape) -> PoolBackwardParams:
+    """Shapes and dtypes of max_pool2d_backward's arguments, as normalized params."""
     try:
         input_shape = tuple(int(s) for s in input_shape)
     except TypeError:
@@ -270,7 +297,7 @@ def check_pool_backward(grad_output, indices, input_shape):
     if indices.dtype.kind not in "iu":
         raise TypeError(f"indices must be an integer array (int64), got {indices.dtype}")
     check_float_arrays(grad_output=grad_output)
-    return input_shape
+    return PoolBackwardParams(input_shape, tuple(grad_output.shape))
 
 
 def index_out_of_plane(index, input_shape):

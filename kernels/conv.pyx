@@ -1,13 +1,13 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Convolution kernels, two ways.
+"""Convolution kernels, two algorithms (the backend's Python module says which serves what).
 
 Direct (stride 1, on CPUs with AVX2 or AVX-512): each unit of work (an image, or a band of its output rows)
 copies its input rows, zero-padded, into a per-thread buffer; every output pixel is then a fixed set of taps
 of that buffer at fixed offsets, and register tiles of direct_conv.h (4-8 output channels x 12-48 pixels)
-accumulate them without any column matrix. The forward and the stride-1 input gradient (a forward
-convolution with the flipped kernel) take this path.
+accumulate them without any column matrix. The stride-1 input gradient is a forward convolution with the
+flipped kernel; the weight gradient sums tiles of channels x taps over each unit's rows.
 
-im2col + GEMM (everything else): im2col of a block of work into a per-thread buffer, then one GEMM per group.
+im2col + GEMM (any convolution): im2col of a block of work into a per-thread buffer, then one GEMM per group.
 A block is a few whole images, or a band of output rows of one image (so a small batch still feeds every
 core). Blocks run in parallel under OpenMP, each calling single-threaded BLAS (scipy.linalg.cython_blas).
 
@@ -68,10 +68,6 @@ cdef Py_ssize_t BLOCK_BYTES = 1 << 20
 cdef int MIN_BLOCKS = 8
 # A direct unit's padded input rows are cut to stay in a core's L2 cache beside the weights.
 cdef Py_ssize_t BAND_BYTES = 1 << 19
-# The weight gradient goes direct only when its GEMM would be this narrow (C_in/G * KH * KW columns): a weight
-# tile sums over one plane's columns and then across its lanes, which pays on first layers (3 or 1 input
-# channels: 1.6-3.4x the GEMM path, measured) and loses to the GEMM on wider ones.
-cdef int DIRECT_WEIGHT_MAX_K = 64
 
 
 cdef struct Conv:
@@ -382,7 +378,7 @@ cdef struct Direct:
 cdef bint direct_plan(const Conv* c, Py_ssize_t itemsize, Direct* d):
     """The direct path's cut of the work, or False when it does not serve this convolution."""
     d.channels, d.width = direct_channels(), direct_width(itemsize == 8)
-    if d.width == 0 or c.stride_h != 1 or c.stride_w != 1 or c.pointwise:
+    if d.width == 0 or c.stride_h != 1 or c.stride_w != 1:
         return False
     d.padded_width = c.out_w + (c.kernel_w - 1) * c.dilation_w
     d.halo = (c.kernel_h - 1) * c.dilation_h
@@ -525,17 +521,27 @@ cdef void direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
         direct_unit(&x[0, 0, 0, 0], &packed[0], bias, c, d, &taps[0], unit, &y[0, 0, 0, 0], band, band + d.buffer)
 
 
-def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, const floating[::1] bias,
-            floating[:, :, :, ::1] y, p, int threads):
-    """y = conv2d(x, w) + bias (bias may be None)."""
+cdef const floating* bias_pointer(const floating[::1] bias):
+    if bias is None:
+        return NULL
+    return &bias[0]
+
+
+def forward_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, const floating[::1] bias,
+                   floating[:, :, :, ::1] y, p, int threads):
+    """y = conv2d(x, w) + bias (bias may be None), by the direct path."""
     cdef Conv c = geometry(p)
-    cdef const floating* bias_ptr = NULL
-    if bias is not None:
-        bias_ptr = &bias[0]
     cdef Direct d
-    if direct_plan(&c, sizeof(floating), &d):
-        direct(x, w, bias_ptr, y, &c, &d, False, threads)
-        return
+    if not direct_plan(&c, sizeof(floating), &d):
+        raise ValueError(f"the direct path does not serve {p}")
+    direct(x, w, bias_pointer(bias), y, &c, &d, False, threads)
+
+
+def forward_gemm(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, const floating[::1] bias,
+                 floating[:, :, :, ::1] y, p, int threads):
+    """y = conv2d(x, w) + bias (bias may be None), by im2col + GEMM."""
+    cdef Conv c = geometry(p)
+    cdef const floating* bias_ptr = bias_pointer(bias)
     cdef Plan plan = make_plan(&c, sizeof(floating))
     cdef floating[:, ::1] workspace = np.empty((threads, (c.k + c.group_out) * plan.columns), np.asarray(y).dtype)
     cdef floating* col
@@ -546,18 +552,25 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, cons
                       col, col + <Py_ssize_t>c.k * plan.columns)
 
 
-def backward_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] w, floating[:, :, :, ::1] gx,
-                   p, int threads):
-    """gx = the gradient of conv2d with respect to its input."""
-    cdef Conv c, as_forward
+def backward_input_direct(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] w,
+                          floating[:, :, :, ::1] gx, p, int threads):
+    """gx = the gradient of conv2d with respect to its input, as the direct forward convolution of gy with
+    the flipped kernel (stride 1, padding at most the kernel's span)."""
+    cdef Conv as_forward
     cdef Direct d
     as_forward_params = p.input_gradient_as_forward()
-    if as_forward_params is not None:
-        as_forward = geometry(as_forward_params)
-        if direct_plan(&as_forward, sizeof(floating), &d):
-            direct(gy, w, NULL, gx, &as_forward, &d, True, threads)
-            return
-    c = geometry(p)
+    if as_forward_params is None:
+        raise ValueError(f"the direct path does not serve the input gradient of {p}")
+    as_forward = geometry(as_forward_params)
+    if not direct_plan(&as_forward, sizeof(floating), &d):
+        raise ValueError(f"the direct path does not serve the input gradient of {p}")
+    direct(gy, w, NULL, gx, &as_forward, &d, True, threads)
+
+
+def backward_input_gemm(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] w, floating[:, :, :, ::1] gx,
+                        p, int threads):
+    """gx = the gradient of conv2d with respect to its input, by GEMM + col2im."""
+    cdef Conv c = geometry(p)
     cdef Plan plan = make_plan(&c, sizeof(floating))
     cdef int first, last, t
     for t in range(plan.blocks):  # an input band's output rows reach beyond its own band (the kernel's halo)
@@ -633,13 +646,14 @@ cdef void direct_weight_partials(const floating[:, :, :, ::1] gy, const floating
 
 
 def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x, floating[:, :, :, ::1] gw,
-                    p, int threads):
-    """gw = the gradient of conv2d with respect to its weight: one partial per fixed run of units (never per
-    thread), the partials then added in their order."""
+                    p, int threads, bint direct_path):
+    """gw = the gradient of conv2d with respect to its weight, by the direct path or by im2col + GEMM: one
+    partial per fixed run of units (never per thread), the partials then added in their order."""
     cdef Conv c = geometry(p)
     cdef Direct d
     cdef Plan plan
-    cdef bint direct_path = direct_plan(&c, sizeof(floating), &d) and c.k < DIRECT_WEIGHT_MAX_K
+    if direct_path and not direct_plan(&c, sizeof(floating), &d):
+        raise ValueError(f"the direct path does not serve the weight gradient of {p}")
     if not direct_path:
         plan = make_plan(&c, sizeof(floating))
     cdef int units = c.batch * d.bands if direct_path else plan.blocks

@@ -61,6 +61,19 @@ def _draw_wide_conv(rng):
     )
 
 
+def _draw_pointwise(rng):
+    """1x1, stride 1, unpadded: a plain GEMM on the input (im2col:pointwise), with groups and wide channels."""
+    groups = int(rng.choice([1, 1, 2, 4]))
+    c_in, c_out = groups * int(rng.integers(1, 17)), groups * int(rng.integers(1, 17))
+    return dict(
+        x_shape=(int(rng.choice([1, 2, 3, 9])), c_in, int(rng.integers(1, 14)), int(rng.integers(1, 14))),
+        w_shape=(c_out, c_in // groups, 1, 1),
+        bias=bool(rng.random() < 0.7),
+        stride=1, padding=[0, "valid", "same"][int(rng.integers(0, 3))],
+        dilation=int(rng.choice([1, 2])), groups=groups,
+    )
+
+
 def conv_cases(count, seed, draw=_draw_conv):
     """`count` valid random convolutions, each a dict of shapes and keyword arguments."""
     rng, cases = np.random.default_rng(seed), []
@@ -106,6 +119,10 @@ def conv_kwargs(case):
 
 def pool_kwargs(case):
     return {k: case[k] for k in ("kernel_size", "stride", "padding", "dilation", "ceil_mode")}
+
+
+def pointwise_cases(count, seed):
+    return conv_cases(count, seed, _draw_pointwise)
 
 
 def wide_conv_cases(count, seed):

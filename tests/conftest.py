@@ -14,6 +14,9 @@ import fastconv  # noqa: E402
 EXPECTED_BACKENDS = ("naive", "im2col", "numba", "cython")
 
 BACKENDS = fastconv.available_backends()
+# The algorithms under test, the oracle aside: one conformance suite runs over each of them.
+CONV_ALGORITHMS = [name for name in fastconv.algorithms("conv2d_forward") if name != "naive"]
+POOL_ALGORITHMS = [name for name in fastconv.algorithms("max_pool2d_forward") if name != "naive"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -24,6 +27,16 @@ def backend(request):
 @pytest.fixture(params=[name for name in BACKENDS if name != "naive"])
 def fast_backend(request):
     """The backends under test as fast kernels, the oracle aside."""
+    return request.param
+
+
+@pytest.fixture(params=CONV_ALGORITHMS)
+def conv_algorithm(request):
+    return request.param
+
+
+@pytest.fixture(params=POOL_ALGORITHMS)
+def pool_algorithm(request):
     return request.param
 
 

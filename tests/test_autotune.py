@@ -1,14 +1,23 @@
-"""`auto` measured: the fastest fast backend for a call's shape, timed once, remembered in memory and on
-disk, forgotten when the machine or the versions change; tiny problems and FASTCONV_AUTO=fixed keep the
-fixed order."""
+"""`auto` (and backend names) measured: the fastest algorithm for a call's shape, raced once, remembered in
+memory and on disk per fingerprint of what decides speed; tiny problems and FASTCONV_AUTO=fixed keep the
+fixed order; a bad cache is ignored with a warning."""
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 from cases import rel_err
 
 import fastconv
-from fastconv import autotune, dispatch
+from fastconv import _sysinfo, autotune, dispatch
+
+
+def _forget_all():
+    dispatch._chosen.clear()
+    autotune.forget()
 
 
 @pytest.fixture
@@ -16,25 +25,24 @@ def measuring(monkeypatch, tmp_path):
     """Measuring on, into an empty cache of this test's own; the in-memory choices forgotten around it."""
     monkeypatch.setenv("FASTCONV_AUTO", "measure")
     monkeypatch.setenv("FASTCONV_CACHE_DIR", str(tmp_path))
-    dispatch._choices.clear()
-    autotune.forget()
+    monkeypatch.setattr(autotune, "RACE_SECONDS", 0.05)  # the tests check what is raced, not who wins
+    _forget_all()
     yield tmp_path
-    dispatch._choices.clear()
-    autotune.forget()
+    _forget_all()
 
 
 @pytest.fixture
-def timings(monkeypatch):
-    """Counts the measurements autotune makes."""
-    calls = []
-    real = autotune.time_calls
+def races(monkeypatch):
+    """The candidates of every race autotune runs."""
+    seen = []
+    real = autotune.race
 
-    def counting(calls_to_time, **kwargs):
-        calls.append(sorted(calls_to_time))
-        return real(calls_to_time, **kwargs)
+    def counting(calls, **kwargs):
+        seen.append(sorted(calls))
+        return real(calls, **kwargs)
 
-    monkeypatch.setattr(autotune, "time_calls", counting)
-    return calls
+    monkeypatch.setattr(autotune, "race", counting)
+    return seen
 
 
 def _layer():
@@ -42,74 +50,165 @@ def _layer():
     return rng.standard_normal((4, 16, 20, 20)).astype(np.float32), rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
 
 
-def test_measured_once_then_remembered_on_disk(measuring, timings):
+def _stored(directory):
+    (path,) = directory.glob(f"{autotune.FILE_PREFIX}*.json")
+    return json.loads(path.read_text())
+
+
+def test_every_fast_algorithm_races_once_then_the_choice_is_remembered(measuring, races):
     x, w = _layer()
     y = fastconv.conv2d(x, w, padding=1)
-    assert len(timings) == 1 and "naive" not in timings[0] and len(timings[0]) >= 2
+    assert races == [sorted(fastconv.explain("conv2d_forward", x, w, padding=1).candidates)]
+    assert "naive" not in races[0] and {"cython:direct", "cython:gemm", "numba:direct"} <= set(races[0])
     fastconv.conv2d(x, w, padding=1)
-    assert len(timings) == 1  # remembered in memory
-    stored = json.loads((measuring / autotune.FILE_NAME).read_text())
+    assert len(races) == 1  # remembered in memory
+    stored = _stored(measuring)
     assert stored["fingerprint"] == autotune.fingerprint()
     ((key, name),) = stored["choices"].items()
-    assert key.startswith("conv2d_forward|float32|threads=") and name in timings[0]
-    dispatch._choices.clear()
+    assert key.startswith("conv2d_forward|float32|auto|threads=") and name in races[0]
+    dispatch._chosen.clear()
     autotune._state["path"] = None  # as a new process: only the file remembers
+    assert fastconv.explain("conv2d_forward", x, w, padding=1).how == "remembered"
     fastconv.conv2d(x, w, padding=1)
-    assert len(timings) == 1
+    assert len(races) == 1
     assert rel_err(y, fastconv.conv2d(x.astype(np.float64), w.astype(np.float64), padding=1, backend="naive")) <= 1e-5
 
 
-def test_each_op_and_thread_count_is_its_own_choice(measuring, timings):
-    x, w = _layer()
-    with fastconv.threads(1):
-        y = fastconv.conv2d(x, w, padding=1)
-        fastconv.conv2d_backward(y, x, w, padding=1, output_mask=(True, True, False))
-    with fastconv.threads(2):
-        fastconv.conv2d(x, w, padding=1)
-    assert len(timings) == 4
+def test_explain_measures_and_gives_the_timings(measuring, races):
+    choice = fastconv.explain("conv2d_backward_weight", (4, 16, 20, 20), (16, 16, 3, 3), padding=1)
+    assert choice.how == "measured" and choice.algorithm in choice.timings
+    assert set(choice.timings) == set(choice.candidates) and "median times" in str(choice)
+    assert fastconv.explain("conv2d_backward_weight", (4, 16, 20, 20), (16, 16, 3, 3), padding=1).how == "remembered"
 
 
-def test_another_machine_or_version_is_ignored(measuring, timings):
+def test_auto_chooses_per_thread_count_and_a_backend_once_for_all(measuring, races):
     x, w = _layer()
-    (measuring / autotune.FILE_NAME).write_text(json.dumps(
-        {"fingerprint": dict(autotune.fingerprint(), numpy="0.0"), "choices": {}}))
-    fastconv.conv2d(x, w, padding=1)
-    assert len(timings) == 1
-    assert json.loads((measuring / autotune.FILE_NAME).read_text())["fingerprint"]["numpy"] == np.__version__
+    for n in (1, 2):
+        with fastconv.threads(n):
+            fastconv.conv2d(x, w, padding=1)
+            fastconv.conv2d(x, w, padding=1, backend="cython")
+    assert len(races) == 3  # auto twice, cython once: its results must not depend on the thread count
+    assert all(set(r) <= {"cython:direct", "cython:gemm"} for r in races if "numba:direct" not in r)
 
 
 def test_the_faster_candidate_wins():
-    def trial(name):
-        sum(range(200_000 if name == "slow" else 10))
+    def slow():
+        sum(range(200_000))
 
-    key_args = ("test_op", ("a shape",), "float32")
-    autotune.forget()
-    try:
-        assert autotune.choose(*key_args, ["slow", "fast"], trial) == "fast"
-    finally:
-        autotune.forget()
+    medians, winner = autotune.race({"slow": slow, "fast": lambda: sum(range(10))}, cap=0.5)
+    assert winner == "fast" and medians["fast"] < medians["slow"]
 
 
-def test_tiny_problems_and_fixed_mode_keep_the_fixed_order(measuring, timings, monkeypatch):
+def test_a_race_drops_clear_losers_early():
+    calls = {"slow": 0, "fast": 0}
+
+    def call(name, work):
+        calls[name] += 1
+        sum(range(work))
+
+    autotune.race({"slow": lambda: call("slow", 300_000), "fast": lambda: call("fast", 1000)}, cap=10)
+    assert calls["slow"] <= 4  # the warm-up and three rounds, not ten seconds of them
+
+
+def test_a_failing_candidate_is_left_out():
+    def broken():
+        raise RuntimeError("no")
+
+    assert autotune.race({"broken": broken, "fine": lambda: None}, cap=0.01)[1] == "fine"
+    with pytest.raises(RuntimeError):
+        autotune.race({"broken": broken}, cap=0.01)
+
+
+def test_tiny_problems_fixed_mode_and_algorithm_names_never_measure(measuring, races, monkeypatch):
     x, w = _layer()
     fastconv.conv2d(x[:1, :2, :4, :4], w[:2, :2], padding=1)  # far below the serial cut
-    assert timings == []
+    for name in ("cython:direct", "cython:gemm", "numba:direct", "im2col:rowshift", "im2col:gemm"):
+        fastconv.conv2d(x, w, padding=1, backend=name)
+    assert races == []
     monkeypatch.setenv("FASTCONV_AUTO", "fixed")
     fastconv.conv2d(x, w, padding=1)
-    assert timings == []
+    fastconv.conv2d(x, w, padding=1, backend="cython")
+    assert races == []
+    assert fastconv.explain("conv2d_forward", x, w, padding=1).how == "fixed"
 
 
-def test_explicit_backends_are_never_measured(measuring, timings):
+@pytest.mark.parametrize("part", ["cpu_model", "cpu_flags", "blas_libraries", "kernel_variables", "versions"])
+def test_the_fingerprint_changes_with_each_thing_it_holds(monkeypatch, part):
+    before = autotune.fingerprint()
+    path_before = autotune.cache_path()
+    real = getattr(_sysinfo, part)
+    changed = {
+        "cpu_model": lambda: real() + " (another)",
+        "cpu_flags": lambda: real() + " avx10_2",
+        "blas_libraries": lambda: [dict(lib, architecture="another kernel") for lib in real()] or [{"architecture": "x"}],
+        "kernel_variables": lambda: dict(real(), OPENBLAS_CORETYPE="Zen"),
+        "versions": lambda: dict(real(), numpy="0.0"),
+    }[part]
+    monkeypatch.setattr(_sysinfo, part, changed)
+    autotune._state["fingerprint_of"] = None
+    assert autotune.fingerprint() != before and autotune.cache_path() != path_before
+    monkeypatch.undo()
+    autotune._state["fingerprint_of"] = None
+
+
+def test_a_blas_kernel_variable_is_seen_at_once(monkeypatch):
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    before = autotune.cache_path()
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell-or-not")
+    assert autotune.cache_path() != before
+
+
+def test_another_fingerprint_is_measured_again_and_both_are_kept(measuring, races, monkeypatch):
     x, w = _layer()
-    for name in fastconv.available_backends():
-        fastconv.conv2d(x, w, padding=1, backend=name)
-    assert timings == []
+    fastconv.conv2d(x, w, padding=1)
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "SomeOtherKernel")
+    dispatch._chosen.clear()
+    fastconv.conv2d(x, w, padding=1)
+    assert len(races) == 2
+    assert len(list(measuring.glob(f"{autotune.FILE_PREFIX}*.json"))) == 2
 
 
-def test_an_unwritable_cache_is_only_a_cache(measuring, timings, monkeypatch, tmp_path):
+@pytest.mark.parametrize("content", ["{not json", '{"choices": [1, 2]}', '"a string"', '{"choices": {"k": 3}}'])
+def test_a_corrupt_cache_is_ignored_with_a_warning(measuring, races, content):
+    autotune.cache_path().write_text(content)
+    x, w = _layer()
+    with pytest.warns(RuntimeWarning, match="corrupt auto cache"):
+        fastconv.conv2d(x, w, padding=1)
+    assert len(races) == 1
+    assert _stored(measuring)["fingerprint"] == autotune.fingerprint()  # replaced by a valid file
+
+
+def test_a_foreign_cache_is_ignored_with_a_warning(measuring, races):
+    foreign = dict(autotune.fingerprint(), cpu="a machine far away")
+    autotune.cache_path().write_text(json.dumps({"fingerprint": foreign, "choices": {}}))
+    x, w = _layer()
+    with pytest.warns(RuntimeWarning, match="another machine"):
+        fastconv.conv2d(x, w, padding=1)
+    assert len(races) == 1
+
+
+def test_an_unwritable_cache_is_only_a_cache(measuring, races, monkeypatch, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("FASTCONV_CACHE_DIR", str(blocker / "below-a-file"))
     x, w = _layer()
-    fastconv.conv2d(x, w, padding=1)
-    assert len(timings) == 1
+    with pytest.warns(RuntimeWarning, match="cannot write the auto cache"):
+        y = fastconv.conv2d(x, w, padding=1)
+    assert len(races) == 1 and y.shape == (4, 16, 20, 20)
+
+
+def test_two_processes_filling_the_cache_at_once_leave_a_valid_file(tmp_path):
+    script = textwrap.dedent("""
+        import sys, numpy as np, fastconv
+        from fastconv import autotune
+        autotune.RACE_SECONDS = 0.02
+        rng = np.random.default_rng(int(sys.argv[1]))
+        for size in range(16, 40, 2):  # a new key per size, each saved at once
+            x = rng.standard_normal((2, 16, size, size)).astype(np.float32)
+            fastconv.conv2d(x, rng.standard_normal((16 + int(sys.argv[1]), 16, 3, 3)).astype(np.float32), padding=1)
+    """)
+    env = dict(os.environ, FASTCONV_AUTO="measure", FASTCONV_CACHE_DIR=str(tmp_path))
+    workers = [subprocess.Popen([sys.executable, "-c", script, str(k)], env=env) for k in (1, 2)]
+    assert [w.wait(timeout=300) for w in workers] == [0, 0]
+    stored = _stored(tmp_path)
+    assert len(stored["choices"]) == 24  # both processes' choices, merged

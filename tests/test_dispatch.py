@@ -1,4 +1,5 @@
 """The registry, the pure selection function, the default-backend and thread settings."""
+import os
 import subprocess
 import sys
 import threading
@@ -9,6 +10,7 @@ from conftest import EXPECTED_BACKENDS
 
 import fastconv
 from fastconv import dispatch
+from fastconv.ops import Algorithm
 
 
 def test_expected_backends_load():
@@ -18,38 +20,79 @@ def test_expected_backends_load():
     assert set(EXPECTED_BACKENDS) <= set(fastconv.available_backends())
 
 
-def _yes(op, p, dtype):
-    return None
-
-
 def _only_3x3(op, p, dtype):
     return None if p == "3x3" else "3x3 only"
 
 
-def test_select_backend_auto_follows_preference():
-    supports = {"naive": _yes, "im2col": _yes, "numba": _yes}
-    assert dispatch.select_backend("conv2d_forward", "3x3", "f4", "auto", supports) == "numba"
-    assert dispatch.select_backend("conv2d_forward", "3x3", "f4", "auto", {"naive": _yes}) == "naive"
+def _fake(qualified, rule=None):
+    """A fake algorithm of conv2d_forward, serving what `rule` allows (everything without one)."""
+    name, ops = qualified.split(":")[-1], {"conv2d_forward": None}
+    return Algorithm(name, ops) if rule is None else Algorithm(name, ops, rule)
 
 
-def test_select_backend_auto_skips_what_cannot_serve():
-    supports = {"naive": _yes, "im2col": _yes, "cython": _only_3x3}
-    assert dispatch.select_backend("conv2d_forward", "3x3", "f4", "auto", supports) == "cython"
-    assert dispatch.select_backend("conv2d_forward", "5x5", "f4", "auto", supports) == "im2col"
+def _select(requested, p, catalogue):
+    return dispatch.candidates("conv2d_forward", p, "f4", requested, catalogue, lambda b: list(catalogue[b]))
 
 
-def test_select_backend_explicit_name():
-    supports = {"naive": _yes, "cython": _only_3x3}
-    assert dispatch.select_backend("conv2d_forward", "5x5", "f4", "naive", supports) == "naive"
-    with pytest.raises(ValueError, match="backend 'cython' cannot run conv2d_forward here: 3x3 only"):
-        dispatch.select_backend("conv2d_forward", "5x5", "f4", "cython", supports)
-    with pytest.raises(ValueError, match="unknown backend 'numba'; available: auto, naive, cython"):
-        dispatch.select_backend("conv2d_forward", "5x5", "f4", "numba", supports)
+CATALOGUE = {
+    "naive": {"naive": _fake("naive")},
+    "im2col": {"im2col:gemm": _fake("im2col:gemm")},
+    "numba": {"numba:direct": _fake("numba:direct")},
+    "cython": {"cython:direct": _fake("cython:direct", _only_3x3), "cython:gemm": _fake("cython:gemm")},
+}
 
 
-def test_select_backend_auto_fails_only_when_nothing_serves():
-    with pytest.raises(ValueError, match="no available backend supports"):
-        dispatch.select_backend("conv2d_forward", "5x5", "f4", "auto", {"cython": _only_3x3})
+def test_candidates_auto_follow_preference_and_leave_naive_last():
+    assert _select("auto", "3x3", CATALOGUE) == ["cython:direct", "cython:gemm", "numba:direct", "im2col:gemm"]
+    assert _select("auto", "5x5", CATALOGUE) == ["cython:gemm", "numba:direct", "im2col:gemm"]
+    assert _select("auto", "5x5", {"naive": CATALOGUE["naive"]}) == ["naive"]
+    assert _select("cython", "5x5", CATALOGUE) == ["cython:gemm"]
+    assert _select("cython:direct", "3x3", CATALOGUE) == ["cython:direct"]
+    assert _select("naive", "5x5", CATALOGUE) == ["naive"]
+
+
+def test_candidates_refuse_with_the_reason():
+    catalogue = {"cython": {"cython:direct": Algorithm("direct", {"conv2d_forward": None}, _only_3x3)}}
+    with pytest.raises(fastconv.UnsupportedError, match="cython:direct cannot run conv2d_forward .*: 3x3 only"):
+        _select("cython:direct", "5x5", catalogue)
+    with pytest.raises(fastconv.UnsupportedError, match="no algorithm of cython .*cython:direct: 3x3 only"):
+        _select("cython", "5x5", catalogue)
+    with pytest.raises(fastconv.UnsupportedError, match="no algorithm of auto"):
+        _select("auto", "5x5", catalogue)
+    with pytest.raises(ValueError, match="unknown backend or algorithm 'numba'"):
+        _select("numba", "5x5", catalogue)
+    with pytest.raises(ValueError, match="unknown backend or algorithm 'cython:winograd'"):
+        _select("cython:winograd", "3x3", catalogue)
+    assert issubclass(fastconv.UnsupportedError, ValueError)
+
+
+def test_a_backend_name_never_refuses_what_one_of_its_algorithms_serves():
+    x = np.random.default_rng(0).standard_normal((1, 2, 9, 9))
+    w = np.ones((3, 2, 3, 3))
+    with pytest.raises(fastconv.UnsupportedError, match="stride 1 only"):
+        fastconv.conv2d(x, w, stride=2, backend="cython:direct")
+    fastconv.conv2d(x, w, stride=2, backend="cython")
+    fastconv.conv2d(x, w, stride=2, backend="auto")
+
+
+def test_choice_is_explained():
+    choice = fastconv.explain("conv2d_forward", (8, 16, 20, 20), (16, 16, 3, 3), padding=1)
+    assert choice.how == "fixed" and choice.algorithm == choice.candidates[0]  # the tests run FASTCONV_AUTO=fixed
+    assert "fixed order" in str(choice) and choice.algorithm in str(choice)
+    named = fastconv.explain("conv2d_backward_weight", (8, 16, 20, 20), (16, 16, 3, 3), backend="im2col:gemm")
+    assert (named.algorithm, named.how) == ("im2col:gemm", "named")
+    x = np.zeros((2, 3, 8, 8), np.float64)
+    pool = fastconv.explain("max_pool2d_backward", x, 2, backend="numba")
+    assert pool.algorithm == "numba:pool" and pool.how == "only"
+    with pytest.raises(ValueError, match="unknown op"):
+        fastconv.explain("conv3d", x, x)
+
+
+def test_backend_name_accepts_algorithms_as_defaults():
+    with fastconv.use_backend("im2col:rowshift"):
+        assert fastconv.get_backend() == "im2col:rowshift"
+    with pytest.raises(ValueError, match="unknown backend or algorithm 'im2col:nope'"):
+        fastconv.set_backend("im2col:nope")
 
 
 def test_unavailable_backend_reports_why():
@@ -60,7 +103,7 @@ def test_unavailable_backend_reports_why():
         assert status["_missing"] == "requires no_such_package_xyz, not installed"
         assert "failed to import fastconv.backends._no_such_module" in status["_broken"]
         assert "_missing" not in fastconv.available_backends()
-        with pytest.raises(ValueError, match="unknown backend '_broken'"):
+        with pytest.raises(ValueError, match="unknown backend or algorithm '_broken'"):
             fastconv.conv2d(np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 1, 1)), backend="_broken")
         assert fastconv.conv2d(np.ones((1, 1, 2, 2)), np.ones((1, 1, 1, 1))).sum() == 4  # auto unaffected
     finally:
@@ -168,3 +211,13 @@ def test_tiny_problems_run_on_one_thread():
     with fastconv.threads(2):
         assert threads_for(SERIAL_WORK - 1) == 1
         assert threads_for(SERIAL_WORK) == 2
+
+
+def test_backends_are_imported_only_when_needed():
+    """A call with one backend imports that backend only; auto's fixed order stops at the first that serves."""
+    code = ("import sys, numpy as np, fastconv; x = np.ones((1, 2, 6, 6)); w = np.ones((2, 2, 3, 3)); "
+            "fastconv.conv2d(x, w, backend='naive'); print('numba' in sys.modules, 'fastconv.backends.cython' in "
+            "sys.modules); fastconv.conv2d(x, w); print('numba' in sys.modules, 'fastconv.backends.cython' in sys.modules)")
+    env = dict(os.environ, FASTCONV_AUTO="fixed")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split() == ["False", "False", "False", "True"]

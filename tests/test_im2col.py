@@ -5,9 +5,20 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from cases import TOLERANCE, case_id, case_params, conv_arrays, conv_cases, conv_kwargs, rel_err, wide_conv_cases
+from cases import (
+    TOLERANCE,
+    case_id,
+    case_params,
+    conv_arrays,
+    conv_cases,
+    conv_kwargs,
+    pointwise_cases,
+    rel_err,
+    wide_conv_cases,
+)
 
 import fastconv
+from fastconv import dispatch
 
 if "im2col" not in fastconv.available_backends():
     pytest.skip("im2col is not available", allow_module_level=True)
@@ -24,7 +35,7 @@ def workspace_limit(request):
 
 
 # The shared random cases rarely run row-shifted (too few taps per kernel row): add wider ones that do.
-ROW_SHIFTED = [case for case in wide_conv_cases(120, seed=32) if im2col._row_shifted(case_params(case))]
+ROW_SHIFTED = [case for case in wide_conv_cases(120, seed=32) if im2col._row_shifted_wins(case_params(case))]
 
 
 def test_row_shifted_cases_are_drawn():
@@ -40,16 +51,23 @@ PADDED_BEYOND_REACH = [
 ]
 
 
-@pytest.mark.parametrize("case", conv_cases(40, seed=31) + ROW_SHIFTED + PADDED_BEYOND_REACH, ids=case_id)
-def test_every_unit_size_matches_oracle(workspace_limit, case):
+POINTWISE = pointwise_cases(10, seed=33)
+
+
+@pytest.mark.parametrize("algorithm", ["im2col:gemm", "im2col:rowshift", "im2col:pointwise"])
+@pytest.mark.parametrize("case", conv_cases(40, seed=31) + ROW_SHIFTED + PADDED_BEYOND_REACH + POINTWISE, ids=case_id)
+def test_every_unit_size_matches_oracle(workspace_limit, case, algorithm):
     x, w, b, gy = conv_arrays(case, np.float64)
     kw = conv_kwargs(case)
-    got = [fastconv.conv2d(x, w, b, **kw, backend="im2col"),
-           *fastconv.conv2d_backward(gy, x, w, **kw, backend="im2col")]
-    ref = [fastconv.conv2d(x, w, b, **kw, backend="naive"),
-           *fastconv.conv2d_backward(gy, x, w, **kw, backend="naive")]
-    for g, r in zip(got, ref):
-        assert rel_err(g, r) <= TOLERANCE[np.float64]
+    p = case_params(case)
+    ops = [("conv2d_forward", lambda name: fastconv.conv2d(x, w, b, **kw, backend=name)),
+           ("conv2d_backward_input", lambda name: fastconv.conv2d_backward(
+               gy, x, w, **kw, output_mask=(True, False, False), backend=name)[0]),
+           ("conv2d_backward_weight", lambda name: fastconv.conv2d_backward(
+               gy, x, w, **kw, output_mask=(False, True, False), backend=name)[1])]
+    for op, call in ops:
+        if dispatch.get_algorithm(algorithm).supports(op, p, x.dtype) is None:
+            assert rel_err(call(algorithm), call("naive")) <= TOLERANCE[np.float64], op
 
 
 @pytest.mark.parametrize("stride", [1, 2])

@@ -1,16 +1,17 @@
 """The Cython backend: compiled kernels from kernels/*.pyx (built by setup.py into fastconv/backends/_*.so).
 
-Convolutions: stride 1 (forward, input gradient, and the weight gradient of narrow layers) as a direct
-convolution with AVX-512 or AVX2 register tiles picked from the CPU at run time; the rest as im2col of a block
-of work (a few images, or a band of rows of one image) into a per-thread buffer, then single-threaded BLAS
-GEMMs (scipy.linalg.cython_blas); the blocks run in parallel under OpenMP.
-Max-pooling: parallel over the N*C planes. Results are bitwise identical with any thread count.
+Algorithms: `direct` (stride-1 convolutions, with AVX-512 or AVX2 register tiles picked from the CPU at run
+time), `gemm` (any convolution: im2col of a block of work, a few images or a band of rows of one image, into a
+per-thread buffer, then single-threaded BLAS GEMMs from scipy.linalg.cython_blas; blocks in parallel under
+OpenMP) and `pool` (max-pooling, parallel over the N*C planes). Results are bitwise identical with any
+thread count.
 
 BLAS is kept single-threaded inside the parallel regions: a convolution call limits every loaded BLAS
 (NumPy's and SciPy's OpenBLAS alike) to one thread and restores the previous limits when it returns.
 """
 import numpy as np
 
+from ..ops import POOL_OPS, Algorithm
 from ..params import index_out_of_plane
 from ..threads import SERIAL_WORK, blas_threads, threads_for
 
@@ -23,10 +24,6 @@ except ImportError as error:
     ) from error
 
 
-def supports(op, p, dtype):
-    return None
-
-
 def describe():
     openmp = f"OpenMP on ({_conv.openmp_max_threads()} threads max)" if _conv.OPENMP else "OpenMP off (serial build)"
     return f"{openmp}, direct tiles {_conv.vector_isa()}, BLAS scipy.linalg.cython_blas"
@@ -35,41 +32,88 @@ def describe():
 def _convolve(kernel, p, *arrays):
     """Run a convolution kernel, with BLAS single-threaded inside it (the thread setting is applied by the
     kernel's own parallel region: BLAS must not add threads of its own, even on one thread)."""
-    if p.flops // 2 < SERIAL_WORK:  # no parallel region, and GEMMs below OpenBLAS's own threading threshold
+    if p.work < SERIAL_WORK:  # no parallel region, and GEMMs below OpenBLAS's own threading threshold
         kernel(*arrays, p, 1)
         return
     with blas_threads(1):
-        kernel(*arrays, p, threads_for(p.flops // 2))
+        kernel(*arrays, p, threads_for(p.work))
 
 
-def conv2d_forward(x, w, b, p):
-    y = np.empty(p.output_shape, x.dtype)
-    _convolve(_conv.forward, p, x, w, b, y)
-    return y
+def _forward(kernel):
+    def forward(x, w, b, p):
+        y = np.empty(p.output_shape, x.dtype)
+        _convolve(kernel, p, x, w, b, y)
+        return y
+
+    return forward
 
 
-def conv2d_backward_input(gy, w, p):
-    gx = np.empty(p.input_shape, gy.dtype)
-    _convolve(_conv.backward_input, p, gy, w, gx)
-    return gx
+def _input_gradient(kernel):
+    def input_gradient(gy, w, p):
+        gx = np.empty(p.input_shape, gy.dtype)
+        _convolve(kernel, p, gy, w, gx)
+        return gx
+
+    return input_gradient
 
 
-def conv2d_backward_weight(gy, x, p):
-    gw = np.empty(p.weight_shape, gy.dtype)
-    _convolve(_conv.backward_weight, p, gy, x, gw)
-    return gw
+def _weight_gradient(direct):
+    def weight_gradient(gy, x, p):
+        gw = np.empty(p.weight_shape, gy.dtype)
+        _convolve(lambda *arrays: _conv.backward_weight(*arrays, direct), p, gy, x, gw)
+        return gw
+
+    return weight_gradient
 
 
 def max_pool2d_forward(x, p):
     y = np.empty(p.output_shape, x.dtype)
     indices = np.empty(p.output_shape, np.int64)
-    _pool.max_pool2d_forward(x, y, indices, p, threads_for(x.size))
+    _pool.max_pool2d_forward(x, y, indices, p, threads_for(p.work))
     return y, indices
 
 
-def max_pool2d_backward(gy, indices, input_shape):
-    gx = np.empty(input_shape, gy.dtype)
-    bad_index = _pool.max_pool2d_backward(gy, indices, gx, threads_for(gx.size))
+def max_pool2d_backward(gy, indices, p):
+    gx = np.empty(p.input_shape, gy.dtype)
+    bad_index = _pool.max_pool2d_backward(gy, indices, gx, threads_for(p.work))
     if bad_index is not None:
-        raise index_out_of_plane(bad_index, input_shape)
+        raise index_out_of_plane(bad_index, p.input_shape)
     return gx
+
+
+def _direct_applicable(op, p, dtype):
+    if _conv.vector_isa() == "none":
+        return "needs AVX2 or AVX-512, which this CPU lacks"
+    if p.stride != (1, 1):
+        return "stride 1 only"
+    if op == "conv2d_backward_input" and p.input_gradient_as_forward() is None:
+        return "input gradient only where the padding is at most the kernel's span"
+    return None
+
+
+ALGORITHMS = (
+    Algorithm("direct", {"conv2d_forward": _forward(_conv.forward_direct),
+                         "conv2d_backward_input": _input_gradient(_conv.backward_input_direct),
+                         "conv2d_backward_weight": _weight_gradient(True)}, _direct_applicable),
+    Algorithm("gemm", {"conv2d_forward": _forward(_conv.forward_gemm),
+                       "conv2d_backward_input": _input_gradient(_conv.backward_input_gemm),
+                       "conv2d_backward_weight": _weight_gradient(False)}),
+    Algorithm("pool", {"max_pool2d_forward": max_pool2d_forward, "max_pool2d_backward": max_pool2d_backward}),
+)
+
+# The weight gradient goes direct first only where its GEMM would be this narrow (C_in/G * KH * KW columns):
+# a weight tile sums over one plane's columns and then across its lanes, which pays on first layers and
+# loses to the GEMM on wider ones.
+DIRECT_WEIGHT_MAX_K = 64
+
+
+def preferred(op, p, dtype):
+    """The default order of this backend's algorithms for a call (measuring off): direct for stride-1
+    convolutions (the weight gradient only of narrow layers), but 1x1 unpadded ones, which are one GEMM."""
+    if op in POOL_OPS:
+        return ("pool",)
+    pointwise = (p.kernel_height, p.kernel_width, p.padding) == (1, 1, (0, 0, 0, 0))
+    narrow = p.in_channels // p.groups * p.kernel_height * p.kernel_width < DIRECT_WEIGHT_MAX_K
+    if pointwise or (op == "conv2d_backward_weight" and not narrow):
+        return ("gemm", "direct")
+    return ("direct", "gemm")

@@ -15,7 +15,7 @@ padding columns (the pitch is W + max(left, right) pads, not W + both): a tap re
 end reads the next row's left padding, zeros too. Other strides fill cols tap by tap from strided views
 of the input, with zeros where a tap falls in padding.
 
-Most stride-1 layers go further and run "row-shifted" (_row_shifted): cols holds the taps of one kernel
+Most stride-1 layers go further and run "row-shifted" (_row_shifted_wins): cols holds the taps of one kernel
 row only (KW slabs instead of KH * KW), and kernel row kh's contribution to output row r is its product
 with cols at row r + kh * dilation. The forward is then one GEMM of every kernel row's weights,
 (KH * C_out/g x C_in/g * KW) @ cols, and a sum of KH row-shifted slices of the product; the weight gradient
@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from ..ops import POOL_OPS, Algorithm
 from ..params import index_out_of_plane
 from ..threads import SERIAL_WORK, blas_threads, get_num_threads, threads_for
 
@@ -53,10 +54,6 @@ def set_workspace_limit(nbytes: int) -> None:
     if nbytes < 1:
         raise ValueError(f"nbytes must be >= 1, got {nbytes}")
     _workspace["limit"] = int(nbytes)
-
-
-def supports(op, p, dtype):
-    return None
 
 
 def describe():
@@ -83,7 +80,7 @@ def _is_pointwise(p):
     return (p.kernel_height, p.kernel_width, p.stride, p.padding) == (1, 1, (1, 1), (0, 0, 0, 0))
 
 
-def _row_shifted(p):
+def _row_shifted_wins(p):
     """Whether the stride-1 convolution p runs row-shifted (see _Unfolding.row_shifted_forward): it copies a
     kernel row's taps instead of every tap, and its GEMM (KH * C_out/G x C_in/G * KW) has a better shape
     than im2col's (C_out/G x C_in/G * KH * KW), but it computes the `span` rows below each unit's rows too.
@@ -102,7 +99,7 @@ def _group_matrices(a, groups, columns):
 def _blas_limit(p, n):
     """BLAS limited to n threads for a serial unit loop; tiny problems leave BLAS alone
     (OpenBLAS runs GEMMs that small on one thread anyway, and the limit costs microseconds)."""
-    return blas_threads(n) if p.flops // 2 >= SERIAL_WORK else contextlib.nullcontext()
+    return blas_threads(n) if p.work >= SERIAL_WORK else contextlib.nullcontext()
 
 
 def _row_width(p):
@@ -139,7 +136,7 @@ def _for_each_unit(p, dtype, work, row_shifted=False, folds=False, workspace=Tru
     Units are numbered in order; claimed in order. BLAS runs single-threaded inside the workers: OpenBLAS's
     own threads would keep spinning for a while after each call and slow whatever runs next (measured:
     2-3x on the next millisecond-long kernel of another library)."""
-    workers = threads_for(p.flops // 2)
+    workers = threads_for(p.work)
     groups = _plan(p, np.dtype(dtype).itemsize, workers, row_shifted, folds)
     numbered, index = [], 0
     for group in groups:
@@ -379,31 +376,38 @@ def _pointwise_matrices(a, p, unit):
     return a[images, :, rows].reshape(images.stop - images.start, p.groups, a.shape[1] // p.groups, -1)
 
 
-def conv2d_forward(x, w, b, p):
+def _forward_pointwise(x, w, b, p):
     y = np.empty(p.output_shape, x.dtype)
     wg = _group_matrices(w, p.groups, w[0].size)
-    if _is_pointwise(p):
-        def work(unfolding, index, unit):
-            np.matmul(wg, _pointwise_matrices(x, p, unit), out=_pointwise_matrices(y, p, unit))
-            if b is not None:
-                y[unit[0], :, unit[1]] += b[:, None, None]
 
-        _for_each_unit(p, x.dtype, work, workspace=False)
-        return y
+    def work(unfolding, index, unit):
+        np.matmul(wg, _pointwise_matrices(x, p, unit), out=_pointwise_matrices(y, p, unit))
+        if b is not None:
+            y[unit[0], :, unit[1]] += b[:, None, None]
 
-    if _row_shifted(p):
-        per_group = (p.groups, p.out_channels // p.groups)
-        wk = np.ascontiguousarray(w.reshape(*per_group, -1, p.kernel_height, p.kernel_width).transpose(0, 3, 1, 2, 4))
-        wk = wk.reshape(p.groups, p.kernel_height * per_group[1], -1)
-        y_groups = y.reshape(p.batch, *per_group, p.out_height, p.out_width)
-        bias = None if b is None else b.reshape(*per_group, 1, 1, 1)
+    _for_each_unit(p, x.dtype, work, workspace=False)
+    return y
 
-        def work(unfolding, index, unit):
-            images, rows = unit
-            unfolding.row_shifted_forward(wk, bias, x, images, rows, y_groups[images, :, :, rows].transpose(1, 2, 0, 3, 4))
 
-        _for_each_unit(p, x.dtype, work, row_shifted=True)
-        return y
+def _forward_row_shifted(x, w, b, p):
+    y = np.empty(p.output_shape, x.dtype)
+    per_group = (p.groups, p.out_channels // p.groups)
+    wk = np.ascontiguousarray(w.reshape(*per_group, -1, p.kernel_height, p.kernel_width).transpose(0, 3, 1, 2, 4))
+    wk = wk.reshape(p.groups, p.kernel_height * per_group[1], -1)
+    y_groups = y.reshape(p.batch, *per_group, p.out_height, p.out_width)
+    bias = None if b is None else b.reshape(*per_group, 1, 1, 1)
+
+    def work(unfolding, index, unit):
+        images, rows = unit
+        unfolding.row_shifted_forward(wk, bias, x, images, rows, y_groups[images, :, :, rows].transpose(1, 2, 0, 3, 4))
+
+    _for_each_unit(p, x.dtype, work, row_shifted=True)
+    return y
+
+
+def _forward_gemm(x, w, b, p):
+    y = np.empty(p.output_shape, x.dtype)
+    wg = _group_matrices(w, p.groups, w[0].size)
 
     def work(unfolding, index, unit):
         images, rows = unit
@@ -429,30 +433,37 @@ def _grad_output_unit(unfolding, gy, images, rows):
     return gyt
 
 
-def conv2d_backward_weight(gy, x, p):
-    ahead = 2 * get_num_threads()  # partials that may wait for their turn
+def _weight_row_shifted(gy, x, p):
     # Row-shifted pairs every input pixel of a unit with grad_output, zeros included, so an inf in x would
-    # turn into NaN where PyTorch has none: such inputs (rare; a sum finds them) take the im2col path.
-    if _row_shifted(p) and np.isfinite(x.sum()):
-        per_kernel_row = np.zeros((p.groups, p.kernel_height, p.out_channels // p.groups, p.in_channels // p.groups,
-                                   p.kernel_width), gy.dtype)
-        total = _InOrder(per_kernel_row, ahead)
-        _for_each_unit(p, x.dtype, lambda unfolding, index, unit: total.add(
-            index, unfolding.row_shifted_weight_gradient(gy, x, *unit)), row_shifted=True)
-        return np.ascontiguousarray(per_kernel_row.transpose(0, 2, 3, 1, 4)).reshape(p.weight_shape)
+    # turn into NaN where PyTorch has none: such inputs (rare; a sum finds them) take the GEMM path.
+    if not np.isfinite(x.sum()):
+        return _weight_gemm(gy, x, p)
+    per_kernel_row = np.zeros((p.groups, p.kernel_height, p.out_channels // p.groups, p.in_channels // p.groups,
+                               p.kernel_width), gy.dtype)
+    total = _InOrder(per_kernel_row, _partials_ahead())
+    _for_each_unit(p, x.dtype, lambda unfolding, index, unit: total.add(
+        index, unfolding.row_shifted_weight_gradient(gy, x, *unit)), row_shifted=True)
+    return np.ascontiguousarray(per_kernel_row.transpose(0, 2, 3, 1, 4)).reshape(p.weight_shape)
 
+
+def _weight_pointwise(gy, x, p):
     gw = np.zeros(p.weight_shape, gy.dtype)
-    total = _InOrder(gw, ahead)
-    if _is_pointwise(p):
-        def work(unfolding, index, unit):
-            xg, gyg = _pointwise_matrices(x, p, unit), _pointwise_matrices(gy, p, unit)
-            partial = gyg[0] @ xg[0].transpose(0, 2, 1)
-            for n in range(1, len(xg)):  # image by image: no (images, C_out, C_in) temporary
-                partial += gyg[n] @ xg[n].transpose(0, 2, 1)
-            total.add(index, partial.reshape(p.weight_shape))
+    total = _InOrder(gw, _partials_ahead())
 
-        _for_each_unit(p, x.dtype, work, workspace=False)
-        return gw
+    def work(unfolding, index, unit):
+        xg, gyg = _pointwise_matrices(x, p, unit), _pointwise_matrices(gy, p, unit)
+        partial = gyg[0] @ xg[0].transpose(0, 2, 1)
+        for n in range(1, len(xg)):  # image by image: no (images, C_out, C_in) temporary
+            partial += gyg[n] @ xg[n].transpose(0, 2, 1)
+        total.add(index, partial.reshape(p.weight_shape))
+
+    _for_each_unit(p, x.dtype, work, workspace=False)
+    return gw
+
+
+def _weight_gemm(gy, x, p):
+    gw = np.zeros(p.weight_shape, gy.dtype)
+    total = _InOrder(gw, _partials_ahead())
 
     def work(unfolding, index, unit):
         images, rows = unit
@@ -465,6 +476,11 @@ def conv2d_backward_weight(gy, x, p):
     return gw
 
 
+def _partials_ahead():
+    """Weight-gradient partials that may wait for their turn (_InOrder)."""
+    return 2 * get_num_threads()
+
+
 def _flipped_transposed(w, groups):
     """(C_out, C_in/g, KH, KW) -> (C_in, C_out/g, KH, KW), flipped in KH and KW: the weight of the forward
     convolution that computes a stride-1 input gradient."""
@@ -473,10 +489,18 @@ def _flipped_transposed(w, groups):
     return np.ascontiguousarray(per_group.transpose(0, 2, 1, 3, 4)).reshape(groups * c_in_per_group, -1, kh, kw)
 
 
-def conv2d_backward_input(gy, w, p):
-    as_forward = p.input_gradient_as_forward()
-    if as_forward is not None:  # one GEMM shape for both directions, no col2im
-        return conv2d_forward(gy, _flipped_transposed(w, p.groups), None, as_forward)
+def _input_as_forward(forward):
+    """A stride-1 input gradient as the forward convolution `forward` of grad_output with the flipped
+    kernel: one GEMM shape for both directions, no col2im."""
+    def input_gradient(gy, w, p):
+        return forward(gy, _flipped_transposed(w, p.groups), None, p.input_gradient_as_forward())
+
+    return input_gradient
+
+
+def _input_gemm(gy, w, p):
+    if p.input_gradient_as_forward() is not None:
+        return _input_as_forward(_forward_gemm)(gy, w, p)
     wg = _group_matrices(w, p.groups, w[0].size)
     gx = np.zeros(p.input_shape, gy.dtype)
 
@@ -518,9 +542,10 @@ def max_pool2d_forward(x, p):
     return best, indices
 
 
-def max_pool2d_backward(gy, indices, input_shape):
+def max_pool2d_backward(gy, indices, p):
     """A scatter-add by index; np.ravel_multi_index rejects an index outside its plane in the same pass
     that turns plane-local indices into flat ones."""
+    input_shape = p.input_shape
     planes, plane_size = input_shape[0] * input_shape[1], input_shape[2] * input_shape[3]
     local = indices.reshape(planes, -1)
     try:
@@ -531,3 +556,43 @@ def max_pool2d_backward(gy, indices, input_shape):
     # bincount sums in float64, in index order: deterministic, and exact enough for float32 too.
     gx = np.bincount(flat.ravel(), weights=gy.ravel(), minlength=planes * plane_size)
     return gx.astype(gy.dtype, copy=False).reshape(input_shape)
+
+
+def _pointwise_applicable(op, p, dtype):
+    return None if _is_pointwise(p) else "1x1, stride 1, unpadded convolutions only"
+
+
+def _row_shifted_applicable(op, p, dtype):
+    if p.stride != (1, 1):
+        return "stride 1 only"
+    if p.kernel_height == 1:
+        return "kernels of more than one row only"
+    if op == "conv2d_backward_input" and p.input_gradient_as_forward() is None:
+        return "input gradient only where the padding is at most the kernel's span"
+    return None
+
+
+ALGORITHMS = (
+    Algorithm("gemm", {"conv2d_forward": _forward_gemm, "conv2d_backward_input": _input_gemm,
+                       "conv2d_backward_weight": _weight_gemm}),
+    Algorithm("rowshift", {"conv2d_forward": _forward_row_shifted,
+                           "conv2d_backward_input": _input_as_forward(_forward_row_shifted),
+                           "conv2d_backward_weight": _weight_row_shifted}, _row_shifted_applicable),
+    Algorithm("pointwise", {"conv2d_forward": _forward_pointwise,
+                            "conv2d_backward_input": _input_as_forward(_forward_pointwise),
+                            "conv2d_backward_weight": _weight_pointwise}, _pointwise_applicable),
+    Algorithm("pool", {"max_pool2d_forward": max_pool2d_forward, "max_pool2d_backward": max_pool2d_backward}),
+)
+
+
+def preferred(op, p, dtype):
+    """The default order of this backend's algorithms for a call (measuring off): the pointwise path where
+    it applies, row-shifted where it wins (_row_shifted_wins), else im2col + GEMM."""
+    if op in POOL_OPS:
+        return ("pool",)
+    shape = p.input_gradient_as_forward() if op == "conv2d_backward_input" else p
+    if shape is not None and _is_pointwise(shape):
+        return ("pointwise", "gemm")
+    if shape is not None and _row_shifted_wins(shape):
+        return ("rowshift", "gemm")
+    return ("gemm",)

@@ -10,11 +10,8 @@ import math
 
 import numpy as np
 
+from ..ops import Algorithm
 from ..params import index_out_of_plane
-
-
-def supports(op, p, dtype):
-    return None
 
 
 def _padded(x, p):
@@ -88,7 +85,8 @@ def max_pool2d_forward(x, p):
     return y, indices
 
 
-def max_pool2d_backward(gy, indices, input_shape):
+def max_pool2d_backward(gy, indices, p):
+    input_shape = p.input_shape
     n_planes, plane = input_shape[0] * input_shape[1], input_shape[2] * input_shape[3]
     gx = np.zeros((n_planes, plane), gy.dtype)
     flat_gy, flat_indices = gy.reshape(n_planes, -1), indices.reshape(n_planes, -1)
@@ -98,3 +96,11 @@ def max_pool2d_backward(gy, indices, input_shape):
                 raise index_out_of_plane(index, input_shape)
             gx[k, index] += grad
     return gx.reshape(input_shape)
+
+
+# One algorithm, named as the backend.
+ALGORITHMS = (Algorithm("naive", {
+    "conv2d_forward": conv2d_forward, "conv2d_backward_input": conv2d_backward_input,
+    "conv2d_backward_weight": conv2d_backward_weight,
+    "max_pool2d_forward": max_pool2d_forward, "max_pool2d_backward": max_pool2d_backward,
+}),)

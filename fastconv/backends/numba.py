@@ -6,11 +6,11 @@ region run on one thread, chosen by size only. Results do not depend on the thre
 is computed by one work item, and the weight gradient adds fixed chunks of the batch in a fixed order.
 """
 import functools
-import math
 
 import numba
 import numpy as np
 
+from ..ops import Algorithm
 from ..params import index_out_of_plane
 from ..threads import threads_for
 from . import _numba_kernels as kernels
@@ -18,10 +18,6 @@ from ._simd import VECTOR_BYTES
 
 # omp runs concurrent calls from several Python threads; workqueue would abort on them.
 numba.config.THREADING_LAYER = "omp"
-
-
-def supports(op, p, dtype):
-    return None
 
 
 def describe():
@@ -123,7 +119,7 @@ def _forward_layout(p):
 
 
 def conv2d_forward(x, w, b, p):
-    _use_threads(p.flops // 2)
+    _use_threads(p.work)
     sub_shape = _forward_layout(p)
     top, _, left, _ = p.padding
     bias = np.zeros(p.out_channels, x.dtype) if b is None else b
@@ -135,7 +131,7 @@ def conv2d_forward(x, w, b, p):
 def conv2d_backward_input(gy, w, p):
     """A stride-1 correlation of the zero-upsampled, padded output gradient with the flipped kernel,
     input and output channels swapped within each group: each input pixel gathers what it receives."""
-    _use_threads(p.flops // 2)
+    _use_threads(p.work)
     kh, kw = p.kernel_height, p.kernel_width
     (dh, dw), (top, _, left, _) = p.dilation, p.padding
     span_h, span_w = dh * (kh - 1), dw * (kw - 1)
@@ -151,7 +147,7 @@ def conv2d_backward_input(gy, w, p):
 
 
 def conv2d_backward_weight(gy, x, p):
-    _use_threads(p.flops // 2)
+    _use_threads(p.work)
     sub_shape = _forward_layout(p)
     top, _, left, _ = p.padding
     fold = _fold(p.batch, p.out_height, sub_shape[1])
@@ -177,19 +173,26 @@ def conv2d_backward_weight(gy, x, p):
 
 
 def max_pool2d_forward(x, p):
-    _use_threads(x.size)
+    _use_threads(p.work)
     y = np.empty(p.output_shape, x.dtype)
     indices = np.empty(p.output_shape, np.int64)
     kernels.max_pool_forward(x, y, indices, p.kernel_height, p.kernel_width, *p.stride, *p.padding, *p.dilation)
     return y, indices
 
 
-def max_pool2d_backward(gy, indices, input_shape):
-    _use_threads(math.prod(input_shape))
-    gx = np.empty(input_shape, gy.dtype)
-    bad = np.zeros((input_shape[0] * input_shape[1], 2), np.int64)
+def max_pool2d_backward(gy, indices, p):
+    _use_threads(p.work)
+    gx = np.empty(p.input_shape, gy.dtype)
+    bad = np.zeros((p.input_shape[0] * p.input_shape[1], 2), np.int64)
     kernels.max_pool_backward(gy, indices, gx, bad)
     flagged = np.flatnonzero(bad[:, 0])
     if flagged.size:
-        raise index_out_of_plane(int(bad[flagged[0], 1]), input_shape)
+        raise index_out_of_plane(int(bad[flagged[0], 1]), p.input_shape)
     return gx
+
+
+ALGORITHMS = (
+    Algorithm("direct", {"conv2d_forward": conv2d_forward, "conv2d_backward_input": conv2d_backward_input,
+                         "conv2d_backward_weight": conv2d_backward_weight}),
+    Algorithm("pool", {"max_pool2d_forward": max_pool2d_forward, "max_pool2d_backward": max_pool2d_backward}),
+)
