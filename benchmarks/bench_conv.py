@@ -1,5 +1,5 @@
-"""conv2d forward and both gradients, through the public API with an explicit backend."""
-from .common import BACKENDS, fastconv, normal, require
+"""conv2d forward and both gradients, through the public API with an explicit backend or algorithm."""
+from .common import BACKENDS, fastconv, normal, require, warm_up
 
 # name: (input shape, output channels, kernel, stride, padding). Fewer than the report's suite, so that
 # `asv run --quick` stays within minutes on two cores.
@@ -35,13 +35,13 @@ class Conv2d:
         x = normal(input_shape, dtype, seed=0)
         w = normal((out_channels, input_shape[1], kernel, kernel), dtype, seed=1)
         conv = dict(stride=stride, padding=padding, backend=backend)
-        gy = normal(fastconv.conv2d(x, w, **conv).shape, dtype, seed=2)
+        gy = normal(fastconv.conv2d(x, w, stride=stride, padding=padding).shape, dtype, seed=2)
         self.run = {
             "forward": lambda: fastconv.conv2d(x, w, **conv),
             "grad_input": lambda: fastconv.conv2d_backward(gy, x, w, output_mask=(True, False, False), **conv),
             "grad_weight": lambda: fastconv.conv2d_backward(gy, x, w, output_mask=(False, True, False), **conv),
         }[op]
-        self.run()  # warm-up: JIT compilation, caches and workspaces stay out of the timing
+        warm_up(self.run)  # JIT compilation, caches and workspaces stay out of the timing
 
     def time_conv2d(self, shape, op, backend, dtype):
         self.run()

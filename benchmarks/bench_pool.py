@@ -1,5 +1,5 @@
-"""max_pool2d forward (with indices) and backward, through the public API with an explicit backend."""
-from .common import BACKENDS, fastconv, normal, require
+"""max_pool2d forward (with indices) and backward, through the public API with an explicit backend or algorithm."""
+from .common import BACKENDS, fastconv, normal, require, warm_up
 
 # name: (input shape, kernel, stride, padding)
 SHAPES = {
@@ -27,14 +27,15 @@ class MaxPool2d:
             raise NotImplementedError("naive and float64 only on the small shape")
         input_shape, kernel, stride, padding = SHAPES[shape]
         x = normal(input_shape, dtype)
-        pool = dict(kernel_size=kernel, stride=stride, padding=padding, backend=backend)
+        pool = dict(kernel_size=kernel, stride=stride, padding=padding)
         y, indices = fastconv.max_pool2d(x, return_indices=True, **pool)
+        pool["backend"] = backend
         gy = normal(y.shape, dtype, seed=1)
         self.run = {
             "forward": lambda: fastconv.max_pool2d(x, return_indices=True, **pool),
             "backward": lambda: fastconv.max_pool2d_backward(gy, indices, x.shape, backend=backend),
         }[op]
-        self.run()  # warm-up
+        warm_up(self.run)
 
     def time_max_pool2d(self, shape, op, backend, dtype):
         self.run()

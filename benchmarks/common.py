@@ -1,4 +1,4 @@
-"""What the benchmark modules share: the backends to try, the skip rule and the inputs."""
+"""What the benchmark modules share: the backends and algorithms to try, the skip rules and the inputs."""
 import numpy as np
 
 try:
@@ -6,22 +6,42 @@ try:
 except ImportError:  # asv discovers benchmarks even where the package failed to build
     fastconv = None
 
-# The backends known today, plus any registered later: a new backend module is benchmarked without
-# touching these files. Backends a commit does not have are skipped there.
+# The backends and algorithms ('backend:algorithm') known today, plus any registered later: a new one is
+# benchmarked without touching these files. Names a commit does not have are skipped there.
 KNOWN_BACKENDS = ("naive", "im2col", "numba", "cython")
+KNOWN_ALGORITHMS = ("im2col:gemm", "im2col:rowshift", "im2col:pointwise", "im2col:pool", "numba:direct",
+                    "numba:pool", "cython:direct", "cython:gemm", "cython:pool")
 
 
 def _available():
-    return tuple(getattr(fastconv, "available_backends", tuple)()) if fastconv is not None else ()
+    if fastconv is None:
+        return ()
+    return (tuple(getattr(fastconv, "available_backends", tuple)())
+            + tuple(getattr(fastconv, "algorithms", tuple)()))
 
 
-BACKENDS = list(KNOWN_BACKENDS) + [name for name in _available() if name not in KNOWN_BACKENDS]
+def _known():
+    return list(KNOWN_BACKENDS) + list(KNOWN_ALGORITHMS)
+
+
+BACKENDS = ["auto"] + _known() + [name for name in _available() if name not in _known()]
+# An algorithm that cannot serve a call (fastconv.UnsupportedError, a ValueError) is skipped there.
+UNSUPPORTED = getattr(fastconv, "UnsupportedError", ()) if fastconv is not None else ()
 
 
 def require(backend):
     """Skip (NotImplementedError, as asv expects) when this version of fastconv cannot run `backend`."""
-    if backend not in _available():
+    if backend != "auto" and backend not in _available():
         raise NotImplementedError(f"backend {backend!r} is not available in this version")
+
+
+def warm_up(run):
+    """The first call, outside the timing (JIT compilation, caches, auto's choice); an algorithm that does
+    not serve the call is skipped."""
+    try:
+        run()
+    except UNSUPPORTED as refusal:
+        raise NotImplementedError(str(refusal)) from None
 
 
 def normal(shape, dtype, seed=0):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 
@@ -12,30 +13,92 @@ from fastconv import dispatch, train
 
 
 def info(args):
-    """Versions, backends (and why one is unavailable), threads and BLAS."""
+    """Versions, backends and their algorithms (and why one is unavailable), auto, threads and BLAS."""
+    from fastconv import _sysinfo, autotune
+
     print(f"fastconv {fastconv.__version__}, Python {platform.python_version()}, NumPy {np.__version__}")
-    print(f"machine: {platform.machine()}, threads in use: {fastconv.get_num_threads()}")
+    print(f"machine: {_sysinfo.cpu_model()} ({platform.machine()}), threads in use: {fastconv.get_num_threads()}")
     print(f"default backend: {fastconv.get_backend()}")
+    if autotune.measuring():
+        print(f"auto: the fastest algorithm, measured once per call shape; {len(autotune.remembered())} choices "
+              f"remembered in {autotune.cache_path()} (FASTCONV_AUTO=fixed: the fixed order)")
+    else:
+        print(f"auto: the fixed order {', '.join(dispatch.PREFERENCE)}, each backend's algorithms in its default "
+              f"order (FASTCONV_AUTO=fixed)")
+    for name, error in fastconv.backend_status().items():
+        if error is not None:
+            print(f"  {name:8s} unavailable: {error}")
+            continue
+        describe = getattr(dispatch.load(name), "describe", None)
+        print(f"  {name:8s} available{': ' + describe() if describe else ''}")
+        for algorithm in (a for a in fastconv.algorithms() if a.split(":")[0] == name):
+            print(f"    {algorithm:18s} {', '.join(dispatch.get_algorithm(algorithm).ops)}")
+    for lib in _sysinfo.blas_libraries():
+        print(f"  blas: {lib['internal_api']} {lib['version']}, kernel {lib['architecture']}, "
+              f"{lib['threading_layer']} threads ({lib['library']})")
+    variables = _sysinfo.kernel_variables()
+    if variables:
+        print("  kernel variables: " + ", ".join(f"{k}={v}" for k, v in variables.items()))
+
+
+def tune(args):
+    """Measure auto's choices again, whatever is remembered: for the suite's shapes, or for every call a
+    script makes (`--script FILE` or `--module NAME`, run as python runs them)."""
+    import runpy
+
+    from fastconv import autotune, suite
+
+    if not autotune.measuring():
+        sys.exit("fastconv tune: FASTCONV_AUTO=fixed turns measuring off; unset it to tune")
+    with fastconv.threads(args.threads or fastconv.get_num_threads()), autotune.remeasuring():
+        dispatch.forget_choices()
+        if args.script or args.module:
+            sys.argv = [args.script or args.module, *args.script_args]
+            if args.script:
+                runpy.run_path(args.script, run_name="__main__")
+            else:
+                runpy.run_module(args.module, run_name="__main__", alter_sys=True)
+        else:
+            convs, pools = suite.cases(quick=False)
+            for case in convs + pools:
+                dtypes = (np.float32, np.float64) if case == suite.FLOAT64_CASE else (np.float32,)
+                for dtype in dtypes:
+                    inputs = suite.make_inputs(case, dtype)
+                    for op in case.ops:
+                        choice = suite.fastconv_explain(case, op, inputs)
+                        print(f"{case.name:32s} {np.dtype(dtype).name} {choice}")
+        dispatch.forget_choices()
+    print(f"choices saved in {autotune.cache_path()}")
+
+
+def cache(args):
+    """Show or clear auto's remembered choices (every fingerprint's file in the cache directory)."""
     from fastconv import autotune
 
-    if autotune.measuring():
-        print(f"auto: measured once per call shape, {len(autotune.remembered())} choices remembered in "
-              f"{autotune.cache_path()} (FASTCONV_AUTO=fixed: the fixed order)")
-    else:
-        print(f"auto: the fixed order {', '.join(dispatch.PREFERENCE)} (FASTCONV_AUTO=fixed)")
-    for name, error in fastconv.backend_status().items():
-        if error is None:
-            describe = getattr(dispatch.load(name), "describe", None)
-            print(f"  {name:8s} available{': ' + describe() if describe else ''}")
-        else:
-            print(f"  {name:8s} unavailable: {error}")
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
+    if args.action == "clear":
+        files = autotune.cache_files()
+        autotune.forget()
+        dispatch.forget_choices()
+        print(f"removed {len(files)} file(s) from {autotune.cache_dir()}")
         return
-    for pool in threadpool_info():
-        print(f"  {pool['user_api']}: {pool['internal_api']} {pool.get('version')} "
-              f"({pool['num_threads']} threads) {pool['filepath']}")
+    current = autotune.cache_path()
+    files = autotune.cache_files()
+    print(f"cache directory: {autotune.cache_dir()} ({len(files)} file(s); this machine's: {current.name})")
+    for path in files:
+        try:
+            stored = json.loads(path.read_text())
+            choices, print_ = stored["choices"], stored["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            print(f"{path.name}: unreadable ({error})")
+            continue
+        blas = ", ".join(f"{lib.get('internal_api')} {lib.get('version')} {lib.get('architecture')}"
+                         for lib in print_.get("blas", []))
+        mark = " (this machine, now)" if path == current else ""
+        print(f"{path.name}{mark}: {len(choices)} choices; {print_.get('cpu')}; BLAS {blas}; "
+              f"variables {print_.get('kernel_variables') or 'none'}")
+        if path == current or args.all:
+            for key, name in sorted(choices.items()):
+                print(f"  {name:18s} {key}")
 
 
 def report(args):
@@ -59,6 +122,18 @@ def main(argv=None):
     report_parser.add_argument("--default-allocator", action="store_true",
                                help="do not restart with freed buffers reused (GLIBC_TUNABLES malloc thresholds)")
     report_parser.set_defaults(run=report)
+    tune_parser = commands.add_parser("tune", help=tune.__doc__, description=tune.__doc__)
+    source = tune_parser.add_mutually_exclusive_group()
+    source.add_argument("--script", help="a Python file to run; every call it makes is measured")
+    source.add_argument("--module", help="a module to run as `python -m MODULE`")
+    tune_parser.add_argument("--threads", type=int, help="the thread count to tune for (default: fastconv's)")
+    tune_parser.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script or module")
+    tune_parser.set_defaults(run=tune)
+    cache_parser = commands.add_parser("cache", help=cache.__doc__, description=cache.__doc__)
+    cache_parser.add_argument("action", choices=("show", "clear"))
+    cache_parser.add_argument("--all", action="store_true",
+                              help="list the choices of every file, not only this machine's")
+    cache_parser.set_defaults(run=cache)
     train.add_parser(commands)
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # to restart the same command

@@ -274,6 +274,11 @@ def run(op, p, dtype, backend, *arrays):
     return function(*arrays, p)
 
 
+def forget_choices() -> None:
+    """Drop the choices made in this process (they are made again, from autotune's memory or anew)."""
+    _chosen.clear()
+
+
 _default = {"name": None}
 _scoped = threading.local()
 

@@ -99,6 +99,10 @@ class ConvParams:
         terms_per_output = (self.in_channels // self.groups) * self.kernel_height * self.kernel_width
         return 2 * math.prod(self.output_shape) * terms_per_output
 
+    def __str__(self):
+        return (f"input {self.input_shape}, weight {self.weight_shape}, stride {self.stride}, padding "
+                f"{self.padding}, dilation {self.dilation}, groups {self.groups}")
+
     @property
     def work(self):
         """Multiply-adds: what decides whether a call is worth threads (threads.threads_for) or a measurement."""
@@ -199,6 +203,10 @@ class PoolParams:
     def output_shape(self):
         return (self.batch, self.channels, self.out_height, self.out_width)
 
+    def __str__(self):
+        return (f"input {self.input_shape}, kernel {(self.kernel_height, self.kernel_width)}, stride {self.stride}, "
+                f"padding {self.padding}, dilation {self.dilation}, ceil_mode {self.ceil_mode}")
+
     @property
     def work(self):
         """Elements of the input."""
@@ -268,6 +276,9 @@ class PoolBackwardParams:
 
     input_shape: tuple
     output_shape: tuple
+
+    def __str__(self):
+        return f"grad_output {self.output_shape} into input {self.input_shape}"
 
     @property
     def batch(self):

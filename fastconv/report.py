@@ -1,4 +1,4 @@
-"""`fastconv report`: every available backend and PyTorch (when installed) timed over the suite, written as
+"""`fastconv report`: every available algorithm, `auto` and PyTorch (when installed) timed over the suite, written as
 a self-contained folder: report.html (plots embedded), report.md with the plots beside it as PNG files,
 and results.json with the raw numbers.
 
@@ -27,7 +27,7 @@ import numpy as np
 
 import fastconv
 
-from . import dispatch, suite
+from . import _sysinfo, dispatch, suite
 from ._measure import GEMM_SIZE, copy_bandwidth, gemm_call, gemm_rate, time_calls
 
 # Freed buffers go back to the heap and are reused, instead of fresh pages (~1.4 us per 4 KiB page)
@@ -38,6 +38,7 @@ REUSED_BUFFERS = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_thres
 # reads this (2^4 cycles of spinning) when it loads. No side uses BLAS's own threads.
 BLAS_THREAD_TIMEOUT = ("OPENBLAS_THREAD_TIMEOUT", "4")
 GEMM_SIDE = "NumPy GEMM"  # the reference's name among the sides of a time_calls
+BASELINE = "im2col:gemm"  # the classic formulation: the tables' "x im2col:gemm" speed-ups are over it
 
 OP_TITLES = {
     "conv2d_forward": "conv2d forward",
@@ -105,17 +106,6 @@ def _reference(case, op, inputs, torch):
     return result[0] if op == "max_pool2d_forward" else result
 
 
-def _skip_reason(side, case, op, dtype):
-    """Why `side` does not run `op` of `case`, or None."""
-    if side == "torch":
-        return None
-    if side == "naive" and not case.naive_feasible():
-        return f"over naive's size cap ({suite.NAIVE_MAX_FLOPS:.0e} FLOPs)"
-    # As api.py does: max_pool2d_backward's choice sees only the input shape.
-    params = case.params.input_shape if op == "max_pool2d_backward" else case.params
-    return dispatch.load(side).supports(op, params, np.dtype(dtype))
-
-
 def _failed(error):
     """A row's fields for a side that raised instead of returning."""
     return dict(status="failed", reason=f"{type(error).__name__}: {error}")
@@ -128,15 +118,16 @@ TURN_CALLS = 3
 
 
 def _measure(sides, case, op, dtype, inputs, reference, budget, min_repeats, gemm):
-    """The rows of `op` of `case`, one per side (a backend name or "torch"), timed side by side; a
-    convolution's with the GEMM reference `gemm` (returned by gemm_call) taking its turns too."""
+    """The rows of `op` of `case`, one per side ("auto", an algorithm that implements `op`, or "torch"),
+    timed side by side; a convolution's with the GEMM reference `gemm` (returned by gemm_call) taking its
+    turns too. auto's row says which algorithm it chose (its first call makes the choice)."""
     conv = isinstance(case, suite.Conv)
     rows, calls = {}, {}
-    for side in sides:
+    for side in (side for side in sides if suite.implements(side, op)):
         rows[side] = dict(case=case.name, kind="conv" if conv else "pool", op=op, dtype=np.dtype(dtype).name,
                           backend=side, flops=case.flops if conv else 0,
                           bytes=case.bytes_moved(np.dtype(dtype).itemsize), status="ok", reason=None)
-        reason = _skip_reason(side, case, op, dtype)
+        reason = suite.why_not(side, case, op, dtype)
         if reason is not None:
             rows[side].update(status="skipped", reason=reason)
         elif side == "torch":
@@ -168,6 +159,8 @@ def _measure(sides, case, op, dtype, inputs, reference, budget, min_repeats, gem
             row["indices_equal"] = bool(np.array_equal(indices, inputs["indices"]))
         if reference is not None:
             row["error"] = rel_err(result, reference)
+        if side == "auto":
+            row["chose"] = suite.fastconv_explain(case, op, inputs).algorithm
     return list(rows.values())
 
 
@@ -181,7 +174,8 @@ def thread_scaling(case, sides, threads, budget, min_repeats):
     land on every call of the side with more threads."""
     inputs, rows = suite.make_inputs(case, np.float32), []
     for side in sides:
-        if side == "naive":
+        if side == "naive" or not suite.implements(side, "conv2d_forward") or suite.why_not(
+                side, case, "conv2d_forward", np.float32) is not None:
             continue
         call = (suite.torch_call(case, "conv2d_forward", inputs) if side == "torch" else
                 suite.fastconv_call(case, "conv2d_forward", inputs, side))
@@ -221,16 +215,17 @@ def _runs(convs, pools):
 
 def collect(convs, pools, threads, budget=0.3, min_repeats=3, with_torch=True, progress=True,
             command="fastconv report", gemm_size=GEMM_SIZE):
-    """Measure every available backend (and PyTorch) on the given cases; returns the JSON-able results."""
+    """Measure `auto`, every available algorithm (and PyTorch) on the given cases; returns the JSON-able
+    results."""
     from tqdm import tqdm
 
     started = time.perf_counter()
     torch = _import_torch() if with_torch else None
     torch_threads = torch.get_num_threads() if torch is not None else None
-    sides = list(fastconv.available_backends()) + (["torch"] if torch is not None else [])
+    sides = ["auto", *fastconv.algorithms()] + (["torch"] if torch is not None else [])
     runs = _runs(list(convs), list(pools))
     rows = []
-    with fastconv.threads(threads), tqdm(total=sum(len(ops) for _, _, ops in runs) * len(sides), unit="run",
+    with fastconv.threads(threads), tqdm(total=sum(len(ops) for _, _, ops in runs), unit="op",
                                          disable=not progress, file=sys.stderr) as bar:
         if torch is not None:
             torch.set_num_threads(threads)
@@ -242,7 +237,7 @@ def collect(convs, pools, threads, budget=0.3, min_repeats=3, with_torch=True, p
                 bar.set_description(f"{case.name} {OP_TITLES[op].split(' (')[0]}")
                 reference = _reference(case, op, inputs, torch)
                 rows += _measure(sides, case, op, dtype, inputs, reference, budget, min_repeats, gemm)
-                bar.update(len(sides))
+                bar.update(1)
         scaling = (thread_scaling(suite.SCALING_CASE, sides, threads, budget, min_repeats)
                    if threads > 1 and suite.SCALING_CASE in convs else [])
         # Measured again at the end, the higher kept: load from elsewhere only ever lowers a ceiling.
@@ -320,7 +315,10 @@ def machine(threads):
                      **{pkg: _version(pkg) for pkg in ("numpy", "scipy", "numba", "torch", "threadpoolctl")}},
         "backends": backends,
         "threadpools": [f"{p['user_api']}: {p['internal_api']} {p.get('version') or ''} "
-                        f"({p['num_threads']} threads) {p['filepath']}" for p in threadpool_info()],
+                        f"kernel {p.get('architecture')} ({p['num_threads']} threads) {p['filepath']}"
+                        for p in threadpool_info()],
+        "blas_kernel_variables": _sysinfo.kernel_variables(),
+        "algorithms": list(fastconv.algorithms()),
         "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(env_prefixes)},
     }
 
@@ -365,8 +363,8 @@ def geomeans(results):
 def _colors(sides):
     from matplotlib import colormaps
 
-    palette = colormaps["tab10"]
-    return {side: palette(i % 10) for i, side in enumerate(sides)}
+    palette = colormaps["tab20"]
+    return {side: palette(i % 20) for i, side in enumerate(sides)}
 
 
 def _bar_chart(results, op, colors):
@@ -459,10 +457,10 @@ def _op_table(results, op, dtype):
     over_im2col = {}
     over_torch = {}
     for side in results["sides"]:
-        over_im2col[side] = _speedups(results["rows"], side, "im2col", op, dtype)
+        over_im2col[side] = _speedups(results["rows"], side, BASELINE, op, dtype)
         over_torch[side] = _speedups(results["rows"], side, "torch", op, dtype)
-    headers = ["case", "backend", "time (ms)", "GFLOP/s" if conv else "GB/s",
-               "% of GEMM" if conv else "% of copy", "x im2col", "x PyTorch", "error vs float64", "note"]
+    headers = ["case", "side", "time (ms)", "GFLOP/s" if conv else "GB/s",
+               "% of GEMM" if conv else "% of copy", f"x {BASELINE}", "x PyTorch", "error vs float64", "note"]
     table, previous = [], None
     for r in rows:
         if r["backend"] == "naive" and r["status"] == "skipped":
@@ -474,6 +472,8 @@ def _op_table(results, op, dtype):
             continue
         error = f"{r['error']:.1e}" if "error" in r else ""
         note = "" if r.get("indices_equal", True) else "indices differ from the reference"
+        if "chose" in r:
+            note = f"chose {r['chose']}" + (f"; {note}" if note else "")
         speedup_im2col = over_im2col[r["backend"]].get(r["case"])
         speedup_torch = over_torch[r["backend"]].get(r["case"])
         table.append([
@@ -481,6 +481,50 @@ def _op_table(results, op, dtype):
             f"{speedup_im2col:.2f}" if speedup_im2col else "", f"{speedup_torch:.2f}" if speedup_torch else "",
             error, note,
         ])
+    return headers, table
+
+
+def _algorithm_rows(results, op, dtype="float32"):
+    """Per case of `op`: every algorithm's median time, the fastest, auto's time and choice, PyTorch's."""
+    by_case = {}
+    for r in _ok(results["rows"], op=op, dtype=dtype):
+        by_case.setdefault(r["case"], {})[r["backend"]] = r
+    found = []
+    for case, sides in by_case.items():
+        algorithms = {side: r["median_s"] for side, r in sides.items() if side not in ("auto", "torch")}
+        if not algorithms or "auto" not in sides:
+            continue
+        best = min(algorithms, key=algorithms.get)
+        found.append(dict(case=case, op=op, times=algorithms, best=best, best_s=algorithms[best],
+                          auto_s=sides["auto"]["median_s"], chose=sides["auto"].get("chose"),
+                          torch_s=sides["torch"]["median_s"] if "torch" in sides else None))
+    return found
+
+
+def auto_against_best(results):
+    """How close `auto` came to the fastest algorithm of the same run: per (case, op) the ratio of the
+    fastest algorithm's time to auto's (1 = auto as fast; 0.8 = 20% slower), their geometric mean and the
+    worst pair."""
+    pairs = [dict(r, ratio=r["best_s"] / r["auto_s"]) for op in suite.CONV_OPS + suite.POOL_OPS
+             for r in _algorithm_rows(results, op)]
+    if not pairs:
+        return None
+    worst = min(pairs, key=lambda r: r["ratio"])
+    return {"geomean": _geomean([r["ratio"] for r in pairs]), "pairs": len(pairs),
+            "worst": {k: worst[k] for k in ("case", "op", "ratio", "best", "chose")}}
+
+
+def _algorithm_table(results, op):
+    """Headers and rows of one op's comparison of algorithms: a row per case."""
+    found = _algorithm_rows(results, op)
+    names = [name for name in results["sides"] if any(name in r["times"] for r in found)]
+    headers = ["case", *names, "fastest", "auto (chose)", "fastest / auto", "PyTorch", "PyTorch / auto"]
+    table = []
+    for r in found:
+        times = [_num(r["times"][name] * 1e3) if name in r["times"] else "" for name in names]
+        torch = [_num(r["torch_s"] * 1e3), f"{r['torch_s'] / r['auto_s']:.2f}"] if r["torch_s"] else ["", ""]
+        table.append([r["case"], *times, r["best"], f"{_num(r['auto_s'] * 1e3)} ({r['chose']})",
+                      f"{r['best_s'] / r['auto_s']:.2f}", *torch])
     return headers, table
 
 
@@ -565,6 +609,15 @@ def _blocks(results, plots):
               "faster). Error vs float64: ||y - y64|| / ||y64||, y64 computed in float64 from the same inputs. "
               "GB/s for pooling counts every array read and written once, int64 indices included."),
     ]
+    closeness = auto_against_best(results)
+    if closeness:
+        worst = closeness["worst"]
+        blocks += [("h2", "auto against the fastest algorithm"),
+                   ("p", f"Over {closeness['pairs']} (case, op) pairs in float32, the fastest algorithm's time "
+                         f"over auto's: geometric mean {closeness['geomean']:.3f}, worst {worst['ratio']:.3f} "
+                         f"({worst['case']}, {OP_TITLES[worst['op']]}: fastest {worst['best']}, auto chose "
+                         f"{worst['chose']}). auto measured its choices as a user's first calls do "
+                         f"(FASTCONV_CACHE_DIR={os.environ.get('FASTCONV_CACHE_DIR', 'default')}).")]
     if results["rows"]:
         blocks += [("h2", "Geometric means"),
                    ("p", f"Over {over} for the convolutions, over the poolings for pooling; float32. Each cell: "
@@ -573,7 +626,13 @@ def _blocks(results, plots):
     for op in suite.CONV_OPS + suite.POOL_OPS:
         if not any(r["op"] == op and r["dtype"] == "float32" for r in results["rows"]):
             continue
-        blocks += [("h2", OP_TITLES[op]), ("table", *_op_table(results, op, "float32"))]
+        blocks += [("h2", OP_TITLES[op]),
+                   ("p", "Algorithms side by side: median times in ms (a blank: the algorithm does not serve the "
+                         "case, or naive's size cap), the fastest, the algorithm `auto` chose and its time, and "
+                         "PyTorch's. Ratios above 1: auto is faster."),
+                   ("table", *_algorithm_table(results, op)),
+                   ("p", "Every side in detail:"),
+                   ("table", *_op_table(results, op, "float32"))]
         if f"{op}.png" in plots:
             blocks.append(("img", f"{op}.png", plots[f"{op}.png"]))
     if any(r["dtype"] == "float64" for r in results["rows"]):
@@ -661,8 +720,15 @@ def write(results, out_dir):
 
 
 def summary(results):
-    """The geometric means as text, for the terminal."""
-    return _markdown([("table", *_geomean_table(results))])
+    """The geometric means and auto against the fastest algorithm, as text, for the terminal."""
+    text = _markdown([("table", *_geomean_table(results))])
+    closeness = auto_against_best(results)
+    if closeness:
+        worst = closeness["worst"]
+        text += (f"auto against the fastest algorithm (fastest time / auto's): geometric mean "
+                 f"{closeness['geomean']:.3f} over {closeness['pairs']} pairs, worst {worst['ratio']:.3f} "
+                 f"({worst['case']} {worst['op']}: fastest {worst['best']}, auto chose {worst['chose']})\n")
+    return text
 
 
 def run(out_dir="fastconv-report", quick=False, threads=None, with_torch=True, progress=True,

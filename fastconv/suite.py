@@ -12,7 +12,8 @@ import numpy as np
 
 import fastconv
 
-from .params import conv_params, pool_params
+from . import dispatch
+from .params import PoolBackwardParams, conv_params, pool_params
 
 CONV_OPS = ("conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight")
 POOL_OPS = ("max_pool2d_forward", "max_pool2d_backward")
@@ -177,6 +178,32 @@ def fastconv_call(case, op, inputs, backend):
                                         backend=backend),
         "max_pool2d_backward": lambda: fastconv.max_pool2d_backward(gy, indices, x.shape, backend=backend),
     }[op]
+
+
+def implements(side, op):
+    """Whether `side` ("auto", "torch" or a fastconv algorithm) has `op` at all."""
+    return side in ("auto", "torch") or op in dispatch.get_algorithm(side).ops
+
+
+def why_not(side, case, op, dtype):
+    """Why `side` does not run `op` of `case` in `dtype` (naive's size cap, or the algorithm's own reason),
+    or None."""
+    if side in ("auto", "torch"):
+        return None
+    if side == "naive" and not case.naive_feasible():
+        return f"over naive's size cap ({NAIVE_MAX_FLOPS:.0e} FLOPs)"
+    p = case.params
+    if op == "max_pool2d_backward":
+        p = PoolBackwardParams(p.input_shape, p.output_shape)
+    return dispatch.get_algorithm(side).supports(op, p, np.dtype(dtype))
+
+
+def fastconv_explain(case, op, inputs, backend="auto"):
+    """fastconv.explain for `op` of `case` on `inputs`: the algorithm `backend` runs there, and why."""
+    if isinstance(case, Conv):
+        return fastconv.explain(op, inputs["x"], inputs["w"], stride=case.stride, padding=case.padding,
+                                backend=backend)
+    return fastconv.explain(op, inputs["x"], case.kernel, case.stride, case.padding, backend=backend)
 
 
 def torch_call(case, op, inputs):

@@ -19,7 +19,6 @@ from cases import (
     rel_err,
     wide_conv_cases,
 )
-from conftest import CONV_ALGORITHMS, POOL_ALGORITHMS
 
 import fastconv
 from fastconv import dispatch

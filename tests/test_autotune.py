@@ -140,7 +140,7 @@ def test_the_fingerprint_changes_with_each_thing_it_holds(monkeypatch, part):
     changed = {
         "cpu_model": lambda: real() + " (another)",
         "cpu_flags": lambda: real() + " avx10_2",
-        "blas_libraries": lambda: [dict(lib, architecture="another kernel") for lib in real()] or [{"architecture": "x"}],
+        "blas_libraries": lambda: [dict(lib, architecture="another kernel") for lib in real()] + [{"library": "x"}],
         "kernel_variables": lambda: dict(real(), OPENBLAS_CORETYPE="Zen"),
         "versions": lambda: dict(real(), numpy="0.0"),
     }[part]
@@ -212,3 +212,22 @@ def test_two_processes_filling_the_cache_at_once_leave_a_valid_file(tmp_path):
     assert [w.wait(timeout=300) for w in workers] == [0, 0]
     stored = _stored(tmp_path)
     assert len(stored["choices"]) == 24  # both processes' choices, merged
+
+
+def test_tune_measures_a_scripts_calls_again_and_cache_shows_and_clears(measuring, races, tmp_path, capsys):
+    from fastconv import cli
+
+    script = tmp_path / "model.py"
+    script.write_text(textwrap.dedent("""
+        import numpy as np, fastconv
+        x = np.random.default_rng(0).standard_normal((4, 16, 20, 20)).astype(np.float32)
+        fastconv.conv2d(x, np.ones((16, 16, 3, 3), np.float32), padding=1)
+    """))
+    cli.main(["tune", "--script", str(script)])
+    cli.main(["tune", "--script", str(script)])
+    assert len(races) == 2  # measured again, though remembered
+    cli.main(["cache", "show"])
+    shown = capsys.readouterr().out
+    assert "1 choices" in shown and "conv2d_forward|float32|auto" in shown and "(this machine, now)" in shown
+    cli.main(["cache", "clear"])
+    assert autotune.cache_files() == [] and "removed 1 file" in capsys.readouterr().out

@@ -1,5 +1,5 @@
-"""`fastconv report`'s machinery on a tiny suite: every available backend (and PyTorch) measured, the
-folder written with its tables, plots and raw numbers. No timing is asserted."""
+"""`fastconv report`'s machinery on a tiny suite: auto, every available algorithm (and PyTorch) measured,
+the folder written with its tables, plots and raw numbers. No timing is asserted."""
 import json
 
 import numpy as np
@@ -31,12 +31,18 @@ def test_ceilings_and_timer():
 
 
 def test_every_side_measures_every_case(results):
-    sides = list(fastconv.available_backends())
+    sides = ["auto", *fastconv.algorithms()]
     assert results["sides"][:len(sides)] == sides
     for case in TINY_CONVS + TINY_POOLS:
         for op in case.ops:
             for side in results["sides"]:
-                (row,) = [r for r in results["rows"] if (r["case"], r["op"], r["backend"]) == (case.name, op, side)]
+                found = [r for r in results["rows"] if (r["case"], r["op"], r["backend"]) == (case.name, op, side)]
+                if side not in ("auto", "torch") and side not in fastconv.algorithms(op):
+                    assert found == []  # an algorithm without the op has no row
+                    continue
+                (row,) = found
+                if side == "auto":
+                    assert row["chose"] in fastconv.algorithms(op)
                 if side == "naive" and not case.naive_feasible():
                     assert row["status"] == "skipped"
                     continue
@@ -55,18 +61,28 @@ def test_report_folder(results, tmp_path):
     page = path.read_text()
     assert page.count("data:image/png;base64,") == len(suite.CONV_OPS + suite.POOL_OPS) + 1  # + roofline
     assert "Geometric means" in page and "Machine" in page
+    assert "auto against the fastest algorithm" in page and "auto (chose)" in page
     markdown = (tmp_path / "report.md").read_text()
     for name in [f"{op}.png" for op in suite.CONV_OPS + suite.POOL_OPS] + ["roofline.png"]:
         assert f"]({name})" in markdown
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == json.loads(json.dumps(results["rows"]))
-    assert "|" in report.summary(results)
+    assert "|" in report.summary(results) and "auto against the fastest algorithm" in report.summary(results)
 
 
-def test_reference_inputs_match_every_pooling_backend():
+def test_auto_against_the_fastest_algorithm(results):
+    closeness = report.auto_against_best(results)
+    pairs = sum(len(case.ops) for case in TINY_CONVS + TINY_POOLS)
+    assert closeness["pairs"] == pairs and closeness["geomean"] > 0
+    assert closeness["worst"]["ratio"] <= closeness["geomean"] + 1e-12
+    headers, table = report._algorithm_table(results, "conv2d_forward")
+    assert "cython:direct" in headers and "fastest" in headers and len(table) == len(TINY_CONVS)
+
+
+def test_reference_inputs_match_every_pooling_algorithm():
     case = TINY_POOLS[1]
     inputs = suite.make_inputs(case, np.float64)
-    for backend in fastconv.available_backends():
+    for backend in fastconv.algorithms("max_pool2d_forward"):
         _, indices = suite.fastconv_call(case, "max_pool2d_forward", inputs, backend)()
         assert np.array_equal(indices, inputs["indices"]), backend
 
@@ -96,7 +112,9 @@ def test_thread_scaling_rows_and_table(results):
     """The batch-1 thread comparison: every fast side measured with 1 and 2 threads, in bursts, and shown."""
     case = TINY_CONVS[0]
     rows = report.thread_scaling(case, results["sides"], threads=2, budget=0.001, min_repeats=1)
-    sides = [side for side in results["sides"] if side not in ("naive", "torch")]
+    sides = [side for side in results["sides"] if side not in ("naive", "torch") and suite.implements(
+        side, "conv2d_forward") and suite.why_not(side, case, "conv2d_forward", np.float32) is None]
+    assert "im2col:pointwise" not in sides and "cython:direct" in sides
     assert {(r["backend"], r["threads"]) for r in rows} >= {(side, n) for side in sides for n in (1, 2)}
     assert all(r["status"] == "ok" and r["gflops"] > 0 for r in rows), rows
     shown = report._markdown(report._blocks(dict(results, scaling=rows), {}))

@@ -96,7 +96,8 @@ def test_max_pool2d_backward_rejects(grad_output, indices, input_shape, error, m
 
 
 def test_unknown_backend_lists_available():
-    with pytest.raises(ValueError, match=r"unknown backend 'nope'; available: auto, naive"):
+    with pytest.raises(ValueError, match=r"unknown backend or algorithm 'nope'; backends: auto, naive.*"
+                                         r"algorithms: naive, im2col:gemm"):
         fastconv.conv2d(X, W, groups=2, backend="nope")
     with pytest.raises(ValueError, match="unknown backend"):
         fastconv.set_backend("nope")

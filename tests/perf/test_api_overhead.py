@@ -7,6 +7,7 @@ import pytest
 
 import fastconv
 from fastconv import dispatch
+from fastconv.ops import Algorithm
 from fastconv.params import conv_params, pool_params
 
 pytestmark = pytest.mark.perf
@@ -19,17 +20,16 @@ POOL = pool_params(X.shape, 2, 1, 0, 1, False)
 POOL_OUT = (np.zeros(POOL.output_shape), np.zeros(POOL.output_shape, np.int64))
 
 
-# The no-op backend: this module itself.
-def supports(op, p, dtype):
-    return None
-
-
+# The no-op backend: this module itself, with one algorithm.
 def conv2d_forward(x, w, b, p):
     return OUT
 
 
 def max_pool2d_forward(x, p):
     return POOL_OUT
+
+
+ALGORITHMS = (Algorithm("null", {"conv2d_forward": conv2d_forward, "max_pool2d_forward": max_pool2d_forward}),)
 
 
 @pytest.fixture(scope="module", autouse=True)

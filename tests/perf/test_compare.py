@@ -1,4 +1,4 @@
-"""Side-by-side speed of every available backend and PyTorch (when installed) on the benchmark suite
+"""Side-by-side speed of auto, every available algorithm and PyTorch (when installed) on the benchmark suite
 (fastconv.suite), float32, with the same thread count on every side. Run, with freed buffers reused:
 
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \\
@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 import fastconv
-from fastconv import dispatch, suite
+from fastconv import suite
 from fastconv._measure import gemm_call
 
 pytestmark = pytest.mark.perf
 
-SIDES = list(fastconv.available_backends()) + (["torch"] if importlib.util.find_spec("torch") else [])
+SIDES = ["auto", *fastconv.algorithms()] + (["torch"] if importlib.util.find_spec("torch") else [])
 CASES = [(case.name, op) for case in suite.CONVS + suite.POOLS for op in case.ops]
 
 
@@ -57,15 +57,14 @@ def test_gemm_reference(benchmark, record_rate):
 @pytest.mark.parametrize("shape, op", CASES)
 def test_compare(benchmark, record_rate, shape, op, side):
     case = suite.by_name(shape)
+    if not suite.implements(side, op):
+        pytest.skip(f"{side} does not implement {op}")
+    reason = suite.why_not(side, case, op, np.float32)
+    if reason is not None:
+        pytest.skip(reason)
     if side == "torch":
         call = suite.torch_call(case, op, inputs(shape))
     else:
-        if side == "naive" and not case.naive_feasible():
-            pytest.skip(f"naive runs only under {suite.NAIVE_MAX_FLOPS:.0e} FLOPs")
-        reason = dispatch.load(side).supports(
-            op, case.params.input_shape if op == "max_pool2d_backward" else case.params, np.dtype(np.float32))
-        if reason is not None:
-            pytest.skip(reason)
         call = suite.fastconv_call(case, op, inputs(shape), side)
     benchmark.group = f"{shape} {op}"  # the default grouping; --benchmark-group-by=param:shape overrides it
     benchmark.extra_info["gflops"] = case.flops / 1e9 if isinstance(case, suite.Conv) else None
