@@ -29,6 +29,7 @@ import fastconv
 
 from . import _sysinfo, dispatch, suite
 from ._measure import GEMM_SIZE, copy_bandwidth, gemm_call, gemm_rate, time_calls
+from .ops import CONV_OPS, POOL_OPS
 
 # Freed buffers go back to the heap and are reused, instead of fresh pages (~1.4 us per 4 KiB page)
 # on every large allocation: the kernels are measured, not the allocator. glibc reads this at start-up.
@@ -344,11 +345,11 @@ def geomeans(results):
     """Per side and op (float32): the geometric mean of GFLOP/s (GB/s for pooling) and of the speed-up over
     PyTorch, over the cases the side ran, with their count."""
     rows, table = results["rows"], {}
-    ops = [op for op in suite.CONV_OPS + suite.POOL_OPS if _ok(rows, op=op)]
+    ops = [op for op in CONV_OPS + POOL_OPS if _ok(rows, op=op)]
     for side in results["sides"]:
         for op in ops:
             done = _ok(rows, backend=side, op=op, dtype="float32")
-            rate = "gflops" if op in suite.CONV_OPS else "gbs"
+            rate = "gflops" if op in CONV_OPS else "gbs"
             table[side, op] = {
                 "rate": _geomean([r[rate] for r in done]),
                 "vs_torch": _geomean(list(_speedups(rows, side, "torch", op).values())),
@@ -373,7 +374,7 @@ def _bar_chart(results, op, colors):
     rows = _ok(results["rows"], op=op, dtype="float32")
     cases = list(dict.fromkeys(r["case"] for r in rows))
     sides = [s for s in results["sides"] if any(r["backend"] == s for r in rows)]
-    conv = op in suite.CONV_OPS
+    conv = op in CONV_OPS
     rate, ceiling = ("gflops", "gemm_gflops") if conv else ("gbs", "copy_gbs")
     fig = Figure(figsize=(max(8.0, 1.0 * len(cases) + 3), 4.5), layout="constrained")
     ax = fig.add_subplot()
@@ -428,7 +429,7 @@ def _plots(results, out_dir):
     """Write the plots as PNG files in out_dir; returns {file name: title}."""
     colors = _colors(results["sides"])
     figures = {f"{op}.png": (_bar_chart(results, op, colors), OP_TITLES[op])
-               for op in suite.CONV_OPS + suite.POOL_OPS if _ok(results["rows"], op=op, dtype="float32")}
+               for op in CONV_OPS + POOL_OPS if _ok(results["rows"], op=op, dtype="float32")}
     if _ok(results["rows"], kind="conv", dtype="float32"):
         figures["roofline.png"] = (_roofline(results, colors), "Roofline")
     for name, (figure, _) in figures.items():
@@ -449,7 +450,7 @@ def _num(value):
 def _op_table(results, op, dtype):
     """Headers and rows of one op's table: a row per case and side."""
     rows = [r for r in results["rows"] if r["op"] == op and r["dtype"] == dtype]
-    conv = op in suite.CONV_OPS
+    conv = op in CONV_OPS
     rate = "gflops" if conv else "gbs"
 
     def share(r):  # a convolution's against the GEMM measured in its turns, a pooling's against the ceiling
@@ -505,7 +506,7 @@ def auto_against_best(results):
     """How close `auto` came to the fastest algorithm of the same run: per (case, op) the ratio of the
     fastest algorithm's time to auto's (1 = auto as fast; 0.8 = 20% slower), their geometric mean and the
     worst pair."""
-    pairs = [dict(r, ratio=r["best_s"] / r["auto_s"]) for op in suite.CONV_OPS + suite.POOL_OPS
+    pairs = [dict(r, ratio=r["best_s"] / r["auto_s"]) for op in CONV_OPS + POOL_OPS
              for r in _algorithm_rows(results, op)]
     if not pairs:
         return None
@@ -623,7 +624,7 @@ def _blocks(results, plots):
                    ("p", f"Over {over} for the convolutions, over the poolings for pooling; float32. Each cell: "
                          f"GFLOP/s (GB/s for pooling) / speed-up over PyTorch."),
                    ("table", *_geomean_table(results))]
-    for op in suite.CONV_OPS + suite.POOL_OPS:
+    for op in CONV_OPS + POOL_OPS:
         if not any(r["op"] == op and r["dtype"] == "float32" for r in results["rows"]):
             continue
         blocks += [("h2", OP_TITLES[op]),

@@ -13,10 +13,8 @@ import numpy as np
 import fastconv
 
 from . import dispatch
+from .ops import CONV_OPS, POOL_OPS
 from .params import PoolBackwardParams, conv_params, pool_params
-
-CONV_OPS = ("conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight")
-POOL_OPS = ("max_pool2d_forward", "max_pool2d_backward")
 
 # `naive` is a Python loop per output pixel: it runs only on convolutions under this many FLOPs, and never
 # on the suite's poolings (a Python loop per window cell: minutes per call).

@@ -47,7 +47,8 @@ def races(monkeypatch):
 
 def _layer():
     rng = np.random.default_rng(0)
-    return rng.standard_normal((4, 16, 20, 20)).astype(np.float32), rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    return (rng.standard_normal((4, 16, 20, 20)).astype(np.float32),
+            rng.standard_normal((16, 16, 3, 3)).astype(np.float32))
 
 
 def _stored(directory):
@@ -231,3 +232,17 @@ def test_tune_measures_a_scripts_calls_again_and_cache_shows_and_clears(measurin
     assert "1 choices" in shown and "conv2d_forward|float32|auto" in shown and "(this machine, now)" in shown
     cli.main(["cache", "clear"])
     assert autotune.cache_files() == [] and "removed 1 file" in capsys.readouterr().out
+
+
+def test_a_backend_name_keeps_its_bitwise_promise_while_measuring(measuring):
+    """backend="cython" measures its algorithms once, for every thread count: its results stay bitwise
+    identical with 1 and 2 threads whichever algorithm won."""
+    rng = np.random.default_rng(4)
+    x, w, gy = (rng.standard_normal(shape).astype(np.float32)
+                for shape in ((4, 16, 20, 20), (16, 16, 3, 3), (4, 16, 20, 20)))
+    results = []
+    for n in (2, 1):
+        with fastconv.threads(n):
+            results.append(fastconv.conv2d_backward(gy, x, w, padding=1, output_mask=(False, True, False),
+                                                    backend="cython")[1])
+    np.testing.assert_array_equal(*results)

@@ -131,12 +131,13 @@ def test_direct_path_against_oracle(vector_isa, dtype):
 def test_direct_path_bitwise_identical_with_1_and_2_threads(vector_isa):
     _cython()
     rng = np.random.default_rng(6)
-    x, w = rng.standard_normal((3, 12, 23, 19)).astype(np.float32), rng.standard_normal((20, 12, 3, 3)).astype(np.float32)
+    x, w = (rng.standard_normal(shape).astype(np.float32) for shape in ((3, 12, 23, 19), (20, 12, 3, 3)))
     results = []
     for threads in (1, 2):
         with fastconv.threads(threads):
             y = fastconv.conv2d(x, w, padding=1, backend="cython")
-            results.append((y, *fastconv.conv2d_backward(y, x, w, padding=1, output_mask=(1, 1, 0), backend="cython")[:2]))
+            grads = fastconv.conv2d_backward(y, x, w, padding=1, output_mask=(1, 1, 0), backend="cython")
+            results.append((y, *grads[:2]))
     for a, c in zip(*results):
         np.testing.assert_array_equal(a, c)
 

@@ -281,7 +281,8 @@ class _Unfolding:
         cols = self.cols[:math.prod(shape)].reshape(shape)
         # Every tap at once, from overlapping views of the band: one NumPy call instead of KW.
         step = flat.strides[2]
-        cols[...] = as_strided(flat, shape, (flat.strides[0], p.dilation[1] * step, flat.strides[1], step), writeable=False)
+        cols[...] = as_strided(flat, shape, (flat.strides[0], p.dilation[1] * step, flat.strides[1], step),
+                               writeable=False)
         return cols
 
     def row_shifted_forward(self, wk, bias, x, images, rows, y_unit):
@@ -329,12 +330,13 @@ class _Unfolding:
         copies = as_strided(stacked, (groups, p.kernel_height) + gy_unit.shape[1:],
                             (strides[0], strides[1] + p.dilation[0] * strides[4]) + strides[2:])
         copies[...] = gy_unit[:, None]
-        products = stacked.reshape(groups, -1, nb * cols.shape[3]) @ cols.reshape(groups, -1, nb * cols.shape[3]).transpose(0, 2, 1)
+        columns = nb * cols.shape[3]
+        products = stacked.reshape(groups, -1, columns) @ cols.reshape(groups, -1, columns).transpose(0, 2, 1)
         return products.reshape(groups, p.kernel_height, -1, p.in_channels // groups, p.kernel_width)
 
     def unfold(self, x, images, rows):
         """im2col: fill and return the unit's column buffer from x."""
-        p, cols = self.p, self.columns(images, rows)
+        cols = self.columns(images, rows)
         if self.wide:
             flat = self._padded_band(x, images, rows)
             run = cols.shape[4] * cols.shape[5]

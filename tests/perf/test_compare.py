@@ -6,8 +6,8 @@
 
 (-k "reference or (forward and 3x3)" and the like pick a part; the GEMM reference, when selected, runs
 first.) A summary at the end gives each convolution's GFLOP/s and its share of NumPy's float32 2048^3 GEMM
-measured in the same run. `fastconv report` measures the same cases with the sides taking turns, ceilings and errors; this
-is the quick look from pytest."""
+measured in the same run. `fastconv report` measures the same cases with the sides taking turns, ceilings and
+errors; this is the quick look from pytest."""
 import functools
 import importlib.util
 import time
