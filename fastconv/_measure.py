@@ -23,7 +23,9 @@ class Timing:
 def time_calls(calls, budget=0.3, min_repeats=3, max_repeats=100, burst=1):
     """Time several no-argument functions (a dict name -> function) after one warm-up call each. They take
     turns, `burst` calls each per round, so that a change of load on a shared machine hits all of them alike
-    (with burst > 1 most calls find the threads of the previous call awake, as in a loop of the same call).
+    (with burst > 1 most calls find the threads of the previous call awake, as in a loop of the same call),
+    each round starting with the next one: a call pays for what the one before it left behind (threads
+    spinning, caches flushed), and no function always follows the same one.
     Each is repeated until it has spent `budget` seconds in at least `min_repeats` calls (a call slower than
     budget / min_repeats stops at 4 x budget instead), or made `max_repeats` calls.
     Returns {name: (Timing, the warm-up call's result)}, or the exception a function raised in its place."""
@@ -36,14 +38,16 @@ def time_calls(calls, budget=0.3, min_repeats=3, max_repeats=100, burst=1):
             results[name] = error
             continue
         first_calls[name], times[name] = time.perf_counter() - start, []
-    running = list(times)
+    running, rounds = list(times), 0
     while running:
-        for name in running:
+        for k in range(len(running)):  # each round starts with the next one: none always follows the same one
+            name = running[(rounds + k) % len(running)]
             for _ in range(burst):
                 start = time.perf_counter()
                 calls[name]()
                 times[name].append(time.perf_counter() - start)
         running = [name for name in running if not _done(times[name], budget, min_repeats, max_repeats)]
+        rounds += 1
     return {name: (Timing(statistics.median(times[name]), min(times[name]), len(times[name]), first_calls[name]),
                    results[name]) if name in times else results[name] for name in calls}
 

@@ -105,7 +105,8 @@ def report(args):
     """Time every available backend and PyTorch over the benchmark suite; write an HTML/Markdown report."""
     from fastconv import report
 
-    report.reexec_for_measuring(args.argv, reuse_buffers=not args.default_allocator)
+    report.reexec_for_measuring(args.argv, reuse_buffers=not args.default_allocator,
+                                keep_blas_kernel=args.keep_blas_kernel)
     report.run(args.out, quick=args.quick, threads=args.threads, with_torch=not args.no_torch,
                command=" ".join(["fastconv", *args.argv]))
 
@@ -121,6 +122,9 @@ def main(argv=None):
     report_parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out even if installed")
     report_parser.add_argument("--default-allocator", action="store_true",
                                help="do not restart with freed buffers reused (GLIBC_TUNABLES malloc thresholds)")
+    report_parser.add_argument("--keep-blas-kernel", action="store_true",
+                               help="keep OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE as set (by default the report "
+                                    "unsets them and OpenBLAS picks its own kernel)")
     report_parser.set_defaults(run=report)
     tune_parser = commands.add_parser("tune", help=tune.__doc__, description=tune.__doc__)
     source = tune_parser.add_mutually_exclusive_group()

@@ -38,6 +38,9 @@ REUSED_BUFFERS = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_thres
 # then 2-3x: the GEMM reference, which takes turns with the sides, would charge the side after it. OpenBLAS
 # reads this (2^4 cycles of spinning) when it loads. No side uses BLAS's own threads.
 BLAS_THREAD_TIMEOUT = ("OPENBLAS_THREAD_TIMEOUT", "4")
+# Set on some machines to keep old OpenBLAS builds correct, they force OpenBLAS's AVX2 kernels (half the
+# AVX-512 ones' speed here): the report measures with OpenBLAS's own choice unless told to keep them.
+FORCED_BLAS_KERNEL = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 GEMM_SIDE = "NumPy GEMM"  # the reference's name among the sides of a time_calls
 BASELINE = "im2col:gemm"  # the classic formulation: the tables' "x im2col:gemm" speed-ups are over it
 
@@ -55,13 +58,17 @@ def reusing_buffers():
     return all(setting in tunables for setting in REUSED_BUFFERS.split(":"))
 
 
-def reexec_for_measuring(argv, reuse_buffers=True):
-    """Restart this process as `python -m fastconv ARGV` with BLAS_THREAD_TIMEOUT in the environment and,
-    with reuse_buffers, REUSED_BUFFERS in GLIBC_TUNABLES, unless they are there already (glibc and
-    OpenBLAS read them only when they start). A value the user set for the timeout is kept."""
+def reexec_for_measuring(argv, reuse_buffers=True, keep_blas_kernel=False):
+    """Restart this process as `python -m fastconv ARGV` with BLAS_THREAD_TIMEOUT in the environment, without
+    FORCED_BLAS_KERNEL (unless keep_blas_kernel) and, with reuse_buffers, REUSED_BUFFERS in GLIBC_TUNABLES,
+    unless that is so already (glibc and OpenBLAS read them only when they start). A value the user set for
+    the timeout is kept."""
     name, value = BLAS_THREAD_TIMEOUT
     env = dict(os.environ)
     env.setdefault(name, value)
+    if not keep_blas_kernel:
+        for variable in FORCED_BLAS_KERNEL:
+            env.pop(variable, None)
     if reuse_buffers and not reusing_buffers():
         current = env.get("GLIBC_TUNABLES")
         env["GLIBC_TUNABLES"] = f"{current}:{REUSED_BUFFERS}" if current else REUSED_BUFFERS

@@ -93,11 +93,18 @@ def test_restarts_itself_with_reused_buffers_and_sleeping_blas_threads(monkeypat
     monkeypatch.setattr(report.os, "execve", lambda *args: calls.append(args))
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.pthread.rseq=0")
     monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.delenv("OPENBLAS_L2_SIZE", raising=False)
     report.reexec_for_measuring(["report", "--quick"])
     (executable, argv, env), = calls
     assert argv[1:] == ["-m", "fastconv", "report", "--quick"]
     assert env["GLIBC_TUNABLES"] == "glibc.pthread.rseq=0:" + report.REUSED_BUFFERS
     assert env["OPENBLAS_THREAD_TIMEOUT"] == "4"
+    assert "OPENBLAS_CORETYPE" not in env  # OpenBLAS's own kernel, unless kept
+    report.reexec_for_measuring(["report", "--keep-blas-kernel"], keep_blas_kernel=True)
+    assert calls[-1][2]["OPENBLAS_CORETYPE"] == "Haswell"
+    calls.pop()
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
 
     monkeypatch.setenv("GLIBC_TUNABLES", report.REUSED_BUFFERS)
     monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "6")  # the user's own setting is kept

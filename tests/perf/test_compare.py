@@ -1,8 +1,11 @@
 """Side-by-side speed of auto, every available algorithm and PyTorch (when installed) on the benchmark suite
 (fastconv.suite), float32, with the same thread count on every side. Run, with freed buffers reused:
 
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \\
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \\
     pytest -m perf tests/perf/test_compare.py --benchmark-enable --benchmark-group-by=param:shape
+
+(OpenBLAS then runs its own kernel choice; `fastconv info` says which.)
 
 (-k "reference or (forward and 3x3)" and the like pick a part; the GEMM reference, when selected, runs
 first.) A summary at the end gives each convolution's GFLOP/s and its share of NumPy's float32 2048^3 GEMM
