@@ -62,7 +62,8 @@ def race(calls, cap=1.0, min_rounds=3, max_rounds=200, margin=1.25, tie=0.03):
     warm up (not timed), then all take turns in rounds, each round starting with the next one, so that a
     change of load hits all of them alike. After min_rounds, a function whose fastest call is slower than
     `margin` x the median of the leader is dropped. The race ends when one is left, when those left are
-    within `tie` of each other after 2 x min_rounds, after max_rounds, or after `cap` seconds of timed calls
+    within `tie` of each other after 2 x min_rounds and a quarter of `cap` (short calls look tied by chance
+    after a few rounds), after max_rounds, or after `cap` seconds of timed calls
     (but not before min_rounds, unless the calls took twice that: slow calls stop after a few).
     Returns ({name: median seconds} of every function that ran, the name of the fastest median among those
     left); a function that raises is left out (if all raise, the first error is raised)."""
@@ -90,7 +91,8 @@ def race(calls, cap=1.0, min_rounds=3, max_rounds=200, margin=1.25, tie=0.03):
         leader = min(medians, key=medians.get)
         if rounds >= min_rounds:
             left = [name for name in left if min(times[name]) <= margin * medians[leader]]
-        tied = rounds >= 2 * min_rounds and max(medians[n] for n in left) <= (1 + tie) * medians[leader]
+        tied = (rounds >= 2 * min_rounds and spent >= cap / 4
+                and max(medians[n] for n in left) <= (1 + tie) * medians[leader])
         out_of_time = spent >= cap and (rounds >= min_rounds or spent >= 2 * cap)
         if len(left) == 1 or tied or out_of_time or rounds >= max_rounds:
             return {name: statistics.median(t) for name, t in times.items()}, leader

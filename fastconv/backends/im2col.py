@@ -15,13 +15,13 @@ padding columns (the pitch is W + max(left, right) pads, not W + both): a tap re
 end reads the next row's left padding, zeros too. Other strides fill cols tap by tap from strided views
 of the input, with zeros where a tap falls in padding.
 
-Most stride-1 layers go further and run "row-shifted" (_row_shifted_wins): cols holds the taps of one kernel
-row only (KW slabs instead of KH * KW), and kernel row kh's contribution to output row r is its product
-with cols at row r + kh * dilation. The forward is then one GEMM of every kernel row's weights,
-(KH * C_out/g x C_in/g * KW) @ cols, and a sum of KH row-shifted slices of the product; the weight gradient
-is one GEMM per kernel row against cols shifted by its rows. A third of the copying for 3x3, and a squarer
-GEMM, which OpenBLAS runs faster (measured: 115-138 GFLOP/s on one core against 84-92 for im2col's
-64 x 576 shape on 64x64x32x32 -> 64).
+Three algorithms: `gemm` (the above, for every convolution), `pointwise` (1x1, stride 1, unpadded: the
+input is its own column matrix) and `rowshift`, which most stride-1 layers prefer (_row_shifted_wins): cols
+holds the taps of one kernel row only (KW slabs instead of KH * KW), and kernel row kh's contribution to
+output row r is its product with cols at row r + kh * dilation. The forward is then one GEMM of every kernel
+row's weights, (KH * C_out/g x C_in/g * KW) @ cols, and a sum of KH row-shifted slices of the product; the
+weight gradient is one GEMM per kernel row against cols shifted by its rows. A third of the copying for
+3x3, and a squarer GEMM, which OpenBLAS runs faster.
 
 Units run on the calling thread and a small pool of Python threads (NumPy releases the GIL), each with
 its own workspace and a single-threaded BLAS: one thread's unfolding overlaps the other's GEMM, and a
@@ -81,11 +81,12 @@ def _is_pointwise(p):
 
 
 def _row_shifted_wins(p):
-    """Whether the stride-1 convolution p runs row-shifted (see _Unfolding.row_shifted_forward): it copies a
-    kernel row's taps instead of every tap, and its GEMM (KH * C_out/G x C_in/G * KW) has a better shape
-    than im2col's (C_out/G x C_in/G * KH * KW), but it computes the `span` rows below each unit's rows too.
-    Measured here: it wins where a kernel row has enough taps (C_in/G * KW >= 16) and the span is small
-    against the output's height, or where im2col's GEMM has few rows (C_out/G < 16)."""
+    """Whether row-shifted (see _Unfolding.row_shifted_forward) comes before im2col + GEMM in the default
+    order for the stride-1 convolution p: it copies a kernel row's taps instead of every tap, and its GEMM
+    (KH * C_out/G x C_in/G * KW) has a better shape than im2col's (C_out/G x C_in/G * KH * KW), but it
+    computes the `span` rows below each unit's rows too. It wins where a kernel row has enough taps
+    (C_in/G * KW >= 16) and the span is small against the output's height, or where im2col's GEMM has few
+    rows (C_out/G < 16)."""
     span = p.dilation[0] * (p.kernel_height - 1)
     return (p.stride == (1, 1) and p.kernel_height > 1 and p.in_channels // p.groups * p.kernel_width >= 16
             and (8 * span <= p.out_height or p.out_channels // p.groups < 16))
@@ -500,9 +501,12 @@ def _input_as_forward(forward):
     return input_gradient
 
 
+_input_gemm_as_forward = _input_as_forward(_forward_gemm)
+
+
 def _input_gemm(gy, w, p):
     if p.input_gradient_as_forward() is not None:
-        return _input_as_forward(_forward_gemm)(gy, w, p)
+        return _input_gemm_as_forward(gy, w, p)
     wg = _group_matrices(w, p.groups, w[0].size)
     gx = np.zeros(p.input_shape, gy.dtype)
 

@@ -1,4 +1,5 @@
-"""The `numba` backend: direct convolution and max-pooling kernels compiled by Numba (_numba_kernels.py).
+"""The `numba` backend: kernels compiled by Numba (_numba_kernels.py), as two algorithms: `direct` (every
+convolution, forward and both gradients) and `pool` (max-pooling forward and backward).
 
 Kernels compile on first use (never at import) and are cached on disk. Every call applies the thread
 setting in force (Numba's thread count is per Python thread); problems too small to pay for a parallel
