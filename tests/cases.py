@@ -113,6 +113,15 @@ def pool_cases(count, seed):
     return cases
 
 
+def pool_input(case, dtype, seed=0):
+    """Normal values with ties (a coarse grid), NaNs and -inf sprinkled in: every rule gets exercised."""
+    rng = np.random.default_rng(seed)
+    x = np.round(rng.standard_normal(case["x_shape"]) * 2) / 2
+    x[rng.random(x.shape) < 0.05] = np.nan
+    x[rng.random(x.shape) < 0.05] = -np.inf
+    return x.astype(dtype)
+
+
 def conv_kwargs(case):
     return {k: case[k] for k in ("stride", "padding", "dilation", "groups")}
 

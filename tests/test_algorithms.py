@@ -15,6 +15,7 @@ from cases import (
     conv_kwargs,
     pointwise_cases,
     pool_cases,
+    pool_input,
     pool_kwargs,
     rel_err,
     wide_conv_cases,
@@ -90,19 +91,10 @@ def test_every_conv_algorithm_serves_some_case(conv_algorithm):
         assert len(served) >= 5, f"{conv_algorithm} serves {op} on only {len(served)} cases"
 
 
-def _pool_input(case, dtype):
-    """Normal values on a coarse grid (ties), NaNs and -inf sprinkled in: every rule gets exercised."""
-    rng = np.random.default_rng(0)
-    x = np.round(rng.standard_normal(case["x_shape"]) * 2) / 2
-    x[rng.random(x.shape) < 0.05] = np.nan
-    x[rng.random(x.shape) < 0.05] = -np.inf
-    return x.astype(dtype)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", POOL_CASES, ids=case_id)
 def test_pool_algorithm_against_oracle(pool_algorithm, case, dtype):
-    x = _pool_input(case, dtype)
+    x = pool_input(case, dtype)
     p = pool_params(x.shape, *(case[k] for k in ("kernel_size", "stride", "padding", "dilation", "ceil_mode")))
     algorithm = dispatch.get_algorithm(pool_algorithm)
     assert algorithm.supports("max_pool2d_forward", p, np.dtype(dtype)) is None

@@ -4,7 +4,17 @@ Convolutions: relative 2-norm error <= 1e-5 in float32 and 1e-12 in float64. Poo
 equal to the oracle's, no tolerance (pooling does no arithmetic)."""
 import numpy as np
 import pytest
-from cases import TOLERANCE, case_id, conv_arrays, conv_cases, conv_kwargs, pool_cases, pool_kwargs, rel_err
+from cases import (
+    TOLERANCE,
+    case_id,
+    conv_arrays,
+    conv_cases,
+    conv_kwargs,
+    pool_cases,
+    pool_input,
+    pool_kwargs,
+    rel_err,
+)
 
 import fastconv
 
@@ -31,19 +41,10 @@ def test_conv_against_oracle(backend, case, dtype):
         assert rel_err(got, ref) <= TOLERANCE[dtype]
 
 
-def _pool_input(case, dtype, seed=0):
-    """Normal values with ties (a coarse grid), NaNs and -inf sprinkled in: every rule gets exercised."""
-    rng = np.random.default_rng(seed)
-    x = np.round(rng.standard_normal(case["x_shape"]) * 2) / 2
-    x[rng.random(x.shape) < 0.05] = np.nan
-    x[rng.random(x.shape) < 0.05] = -np.inf
-    return x.astype(dtype)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", POOL_CASES, ids=case_id)
 def test_pool_against_oracle(backend, case, dtype):
-    x = _pool_input(case, dtype)
+    x = pool_input(case, dtype)
     y, idx = fastconv.max_pool2d(x, **pool_kwargs(case), return_indices=True, backend=backend)
     y_ref, idx_ref = fastconv.max_pool2d(x, **pool_kwargs(case), return_indices=True, backend="naive")
     assert y.dtype == dtype and idx.dtype == np.int64

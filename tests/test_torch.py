@@ -3,8 +3,7 @@
 import cases
 import numpy as np
 import pytest
-from cases import TOLERANCE, case_id, conv_arrays, conv_cases, conv_kwargs, pool_cases, pool_kwargs, rel_err
-from test_conformance import _pool_input
+from cases import TOLERANCE, case_id, conv_arrays, conv_cases, conv_kwargs, pool_cases, pool_input, pool_kwargs, rel_err
 
 import fastconv
 
@@ -46,7 +45,7 @@ def test_conv_against_torch(backend, case, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", POOL_CASES, ids=case_id)
 def test_pool_against_torch(backend, case, dtype):
-    x = _pool_input(case, dtype)
+    x = pool_input(case, dtype)
     y, idx = fastconv.max_pool2d(x, **pool_kwargs(case), return_indices=True, backend=backend)
     kw = pool_kwargs(case)
     y_ref, idx_ref = F.max_pool2d(_t(x), **kw, return_indices=True)
