@@ -46,7 +46,7 @@ def _extensions():
     import numpy
     from Cython.Build import cythonize
 
-    headers = [str(h.relative_to(HERE)) for h in sorted(HERE.glob("kernels/*.h"))]
+    headers = [str(h.relative_to(HERE)) for h in sorted(HERE.glob("kernels/*.h")) + sorted(HERE.glob("kernels/*.pxd"))]
     flags = ["-O3"] + (["-march=native"] if os.environ.get("FASTCONV_MARCH_NATIVE") == "1" else [])
     modules = [
         Extension(f"fastconv.backends._{src.stem}", [str(src.relative_to(HERE))],

@@ -1,10 +1,10 @@
-/* Register tiles for the direct (stride-1) convolution of kernels/conv.pyx, in AVX-512 and AVX2 + FMA,
+/* Register tiles for the direct (stride-1) convolution of kernels/conv_direct.pyx, in AVX-512 and AVX2 + FMA,
  * chosen at run time from what the CPU offers (the build itself stays generic: no -march needed). Where
  * neither exists (another architecture or compiler, an old CPU), direct_width() is 0 and conv.pyx uses its
- * im2col + GEMM path instead.
+ * im2col + GEMM algorithm alone serves.
  *
  * A forward tile is direct_channels() output channels by direct_width() consecutive output positions of a
- * row-padded image (see conv.pyx); its accumulators fill most of the vector registers: 8 x 3 vectors of the
+ * row-padded image (see conv_direct.pyx); its accumulators fill most of the vector registers: 8 x 3 vectors of the
  * 32 AVX-512 registers, 4 x 3 of the 16 AVX2 ones. Channel counts are mostly multiples of 8, so few tiles go
  * to waste. A weight-gradient tile is direct_channels() output channels by WEIGHT_TAPS kernel taps, each
  * accumulator a vector of partial sums over output columns. */
@@ -12,6 +12,8 @@
 #include <string.h>
 
 #define WEIGHT_TAPS 3
+#define TILE_PASTE_(a, b) a##b
+#define TILE_PASTE(a, b) TILE_PASTE_(a, b)
 
 typedef void (*direct_tile_float_fn)(const float *, ptrdiff_t, int, const ptrdiff_t *, int, const float *, float *);
 typedef void (*direct_tile_double_fn)(const double *, ptrdiff_t, int, const ptrdiff_t *, int, const double *,
@@ -143,14 +145,16 @@ static int direct_select(const char *name)
         direct_isa.name = "avx512";
         direct_isa.tile_float = tile_float_avx512, direct_isa.tile_double = tile_double_avx512;
         direct_isa.weight_float = weight_float_avx512, direct_isa.weight_double = weight_double_avx512;
-        direct_isa.channels = 8, direct_isa.width_float = 48, direct_isa.width_double = 24;
+        direct_isa.channels = tile_float_avx512_channels;
+        direct_isa.width_float = tile_float_avx512_width, direct_isa.width_double = tile_double_avx512_width;
         return 1;
     }
     if (strcmp(name, "avx2") == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         direct_isa.name = "avx2";
         direct_isa.tile_float = tile_float_avx2, direct_isa.tile_double = tile_double_avx2;
         direct_isa.weight_float = weight_float_avx2, direct_isa.weight_double = weight_double_avx2;
-        direct_isa.channels = 4, direct_isa.width_float = 24, direct_isa.width_double = 12;
+        direct_isa.channels = tile_float_avx2_channels;
+        direct_isa.width_float = tile_float_avx2_width, direct_isa.width_double = tile_double_avx2_width;
         return 1;
     }
 #endif

@@ -64,6 +64,10 @@ static void TILE_WEIGHT_NAME(const TILE_T *gy, ptrdiff_t gy_channel_stride, cons
         _Pragma("GCC unroll 4") for (int t = 0; t < WEIGHT_TAPS; t++) out[c * WEIGHT_TAPS + t] = TILE_SUM(acc[c][t]);
 }
 
+/* The tile's shape, for direct_select: output channels and output positions. */
+static const int TILE_PASTE(TILE_NAME, _channels) = TILE_CHANNELS;
+static const int TILE_PASTE(TILE_NAME, _width) = TILE_VECTORS * TILE_LANES;
+
 #undef TILE_NAME
 #undef TILE_WEIGHT_NAME
 #undef TILE_LOAD_FIRST

@@ -17,7 +17,7 @@ def _cython():
 
 def test_built_with_openmp():
     backend = _cython()
-    assert backend._conv.OPENMP
+    assert backend._conv_gemm.OPENMP
     assert backend.describe().startswith("OpenMP on")
 
 
@@ -90,7 +90,7 @@ def test_bad_pool_index_raises_without_writing_out_of_bounds():
 @pytest.fixture(params=["avx512", "avx2", "none"])
 def vector_isa(request):
     """Each set of register tiles in turn ("none": the im2col + GEMM path only), then the default again."""
-    conv = _cython()._conv
+    conv = _cython()._conv_direct
     default = conv.vector_isa()
     if not conv.use_vector_isa(request.param):
         pytest.skip(f"this CPU cannot run the {request.param} register tiles")
@@ -102,7 +102,7 @@ def vector_isa(request):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_direct_path_against_oracle(vector_isa, dtype):
-    conv = _cython()._conv
+    conv = _cython()._conv_direct
     for case in wide_conv_cases(25, seed=4):
         p = case_params(case)
         direct = vector_isa != "none"
@@ -143,7 +143,7 @@ def test_direct_path_bitwise_identical_with_1_and_2_threads(vector_isa):
 
 
 def test_unknown_register_tiles_are_refused():
-    conv = _cython()._conv
+    conv = _cython()._conv_direct
     default = conv.vector_isa()
     assert not conv.use_vector_isa("avx9000")
     assert conv.vector_isa() == default

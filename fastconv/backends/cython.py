@@ -16,7 +16,7 @@ from ..params import index_out_of_plane
 from ..threads import SERIAL_WORK, blas_threads, threads_for
 
 try:
-    from . import _conv, _pool
+    from . import _conv_direct, _conv_gemm, _pool
 except ImportError as error:
     raise ImportError(
         f"the compiled Cython kernels are not built ({error}); build them with `pip install -e .` "
@@ -25,8 +25,9 @@ except ImportError as error:
 
 
 def describe():
-    openmp = f"OpenMP on ({_conv.openmp_max_threads()} threads max)" if _conv.OPENMP else "OpenMP off (serial build)"
-    return f"{openmp}, direct tiles {_conv.vector_isa()}, BLAS scipy.linalg.cython_blas"
+    openmp = (f"OpenMP on ({_conv_gemm.openmp_max_threads()} threads max)" if _conv_gemm.OPENMP
+              else "OpenMP off (serial build)")
+    return f"{openmp}, direct tiles {_conv_direct.vector_isa()}, BLAS scipy.linalg.cython_blas"
 
 
 def _convolve(kernel, p, *arrays):
@@ -57,10 +58,10 @@ def _input_gradient(kernel):
     return input_gradient
 
 
-def _weight_gradient(direct):
+def _weight_gradient(kernel):
     def weight_gradient(gy, x, p):
         gw = np.empty(p.weight_shape, gy.dtype)
-        _convolve(lambda *arrays: _conv.backward_weight(*arrays, direct), p, gy, x, gw)
+        _convolve(kernel, p, gy, x, gw)
         return gw
 
     return weight_gradient
@@ -82,7 +83,7 @@ def max_pool2d_backward(gy, indices, p):
 
 
 def _direct_applicable(op, p, dtype):
-    if _conv.vector_isa() == "none":
+    if _conv_direct.vector_isa() == "none":
         return "needs AVX2 or AVX-512, which this CPU lacks"
     if p.stride != (1, 1):
         return "stride 1 only"
@@ -92,12 +93,13 @@ def _direct_applicable(op, p, dtype):
 
 
 ALGORITHMS = (
-    Algorithm("direct", {"conv2d_forward": _forward(_conv.forward_direct),
-                         "conv2d_backward_input": _input_gradient(_conv.backward_input_direct),
-                         "conv2d_backward_weight": _weight_gradient(True)}, _direct_applicable),
-    Algorithm("gemm", {"conv2d_forward": _forward(_conv.forward_gemm),
-                       "conv2d_backward_input": _input_gradient(_conv.backward_input_gemm),
-                       "conv2d_backward_weight": _weight_gradient(False)}),
+    Algorithm("direct", {"conv2d_forward": _forward(_conv_direct.forward),
+                         "conv2d_backward_input": _input_gradient(_conv_direct.backward_input),
+                         "conv2d_backward_weight": _weight_gradient(_conv_direct.backward_weight)},
+              _direct_applicable),
+    Algorithm("gemm", {"conv2d_forward": _forward(_conv_gemm.forward),
+                       "conv2d_backward_input": _input_gradient(_conv_gemm.backward_input),
+                       "conv2d_backward_weight": _weight_gradient(_conv_gemm.backward_weight)}),
     Algorithm("pool", {"max_pool2d_forward": max_pool2d_forward, "max_pool2d_backward": max_pool2d_backward}),
 )
 

@@ -1,0 +1,317 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The direct algorithm (stride 1, on CPUs with AVX2 or AVX-512): each unit of work (an image, or a band of
+its output rows) copies its input rows, zero-padded, into a per-thread buffer; every output pixel is then a
+fixed set of taps of that buffer at fixed offsets, and the register tiles of direct_conv.h (channels x
+pixels) accumulate them without any column matrix. The stride-1 input gradient is a forward convolution
+with the flipped kernel; the weight gradient sums tiles of channels x taps over each unit's rows, in
+WEIGHT_PARTIALS fixed partials added in a fixed order. The units depend on the shape only: results are
+bitwise identical whatever the number of threads.
+"""
+import numpy as np
+
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.stddef cimport ptrdiff_t
+from libc.string cimport memcpy, memset
+
+from conv_common cimport MIN_UNITS, WEIGHT_PARTIALS, Conv, bias_pointer, ceil_div, geometry, sum_partials
+from openmp_shim cimport omp_get_thread_num
+
+cdef extern from "direct_conv.h" nogil:
+    int direct_select(const char* name)
+    const char* direct_isa_name()
+    int direct_channels()
+    int direct_width(int is_double)
+    void direct_tile_float(const float* x, ptrdiff_t channel_stride, int channels, const ptrdiff_t* taps,
+                           int n_taps, const float* w, float* out)
+    void direct_tile_double(const double* x, ptrdiff_t channel_stride, int channels, const ptrdiff_t* taps,
+                            int n_taps, const double* w, double* out)
+    int WEIGHT_TAPS
+    void direct_weight_float(const float* gy, ptrdiff_t gy_channel_stride, const float* band, ptrdiff_t band_row,
+                             const ptrdiff_t* taps, int rows, int width, float* out)
+    void direct_weight_double(const double* gy, ptrdiff_t gy_channel_stride, const double* band,
+                              ptrdiff_t band_row, const ptrdiff_t* taps, int rows, int width, double* out)
+
+VECTOR_ISAS = ("avx512", "avx2", "none")  # the register tiles, best first ("none": the direct path serves nothing)
+
+
+def use_vector_isa(name):
+    """Use the named register tiles for the direct path (VECTOR_ISAS; the best the CPU runs by default).
+    Returns False, changing nothing, when the CPU cannot run them."""
+    return bool(direct_select(name.encode()))
+
+
+def vector_isa():
+    return direct_isa_name().decode()
+
+
+for _isa in VECTOR_ISAS:
+    if use_vector_isa(_isa):
+        break
+
+
+# A direct unit's padded input rows are cut to stay in a core's L2 cache beside the weights.
+cdef Py_ssize_t BAND_BYTES = 1 << 19
+
+
+cdef struct Direct:
+    int channels               # output channels per register tile
+    int width                  # output pixels per register tile
+    int padded_width           # input row width with its padding: output pixel (r, ow) is at r * padded_width + ow
+    int band_rows              # output rows per unit of work (an image's last band may have fewer)
+    int bands                  # units per image
+    int halo                   # input rows a band needs beyond its output rows
+    int blocks                 # tiles of `channels` output channels per group
+    int taps                   # kernel_h * kernel_w
+    ptrdiff_t channel_stride   # one channel's rows in the padded buffer
+    ptrdiff_t buffer           # the padded buffer, with the slack the last tile reads past its end
+
+
+cdef bint direct_plan(const Conv* c, Py_ssize_t itemsize, Direct* d):
+    """The direct path's cut of the work, or False when it does not serve this convolution."""
+    d.channels, d.width = direct_channels(), direct_width(itemsize == 8)
+    if d.width == 0 or c.stride_h != 1 or c.stride_w != 1:
+        return False
+    d.padded_width = c.out_w + (c.kernel_w - 1) * c.dilation_w
+    d.halo = (c.kernel_h - 1) * c.dilation_h
+    cdef Py_ssize_t row_bytes = <Py_ssize_t>c.group_in * d.padded_width * itemsize
+    cdef int rows = ceil_div(c.out_h, ceil_div(MIN_UNITS, c.batch)) if c.batch < MIN_UNITS else c.out_h
+    rows = <int>max(1, min(rows, BAND_BYTES // row_bytes - d.halo))
+    d.band_rows = ceil_div(c.out_h, ceil_div(c.out_h, rows))  # bands of even height
+    d.bands = ceil_div(c.out_h, d.band_rows)
+    d.blocks = ceil_div(c.group_out, d.channels)
+    d.taps = c.kernel_h * c.kernel_w
+    d.channel_stride = <ptrdiff_t>(d.band_rows + d.halo) * d.padded_width
+    d.buffer = c.group_in * d.channel_stride + d.width + (c.kernel_w - 1) * c.dilation_w
+    return True
+
+
+def direct_serves(p, Py_ssize_t itemsize):
+    cdef Conv c = geometry(p)
+    cdef Direct d
+    return direct_plan(&c, itemsize, &d)
+
+
+cdef void pack_weight(const floating* w, const Conv* c, const Direct* d, bint flipped, floating* packed) noexcept nogil:
+    """packed[g, block, ch, tap, j] = the weight of output channel block * d.channels + j of group g (zero past
+    the group's channels), as the register tiles read it. flipped: w is the weight of the convolution whose
+    input gradient this is, (c.group_in, c.out_channels, kh, kw) per group: its channel axes swap and its
+    taps run backwards."""
+    cdef int g, block, ch, tap, j, o
+    cdef Py_ssize_t source
+    for g in range(c.groups):
+        for block in range(d.blocks):
+            for ch in range(c.group_in):
+                for tap in range(d.taps):
+                    for j in range(d.channels):
+                        o = block * d.channels + j
+                        if o >= c.group_out:
+                            packed[0] = 0
+                        elif flipped:
+                            source = ((<Py_ssize_t>g * c.group_in + ch) * c.group_out + o) * d.taps + d.taps - 1 - tap
+                            packed[0] = w[source]
+                        else:
+                            source = ((<Py_ssize_t>g * c.group_out + o) * c.group_in + ch) * d.taps + tap
+                            packed[0] = w[source]
+                        packed += 1
+
+
+cdef void pad_band(const floating* x, const Conv* c, const Direct* d, int first_row, int rows,
+                   floating* band) noexcept nogil:
+    """band[ch, r, :] = input row first_row + r of channel ch of x (one image, one group), zero-padded to
+    padded_width (stride 1: pad_left + width + pad_right); rows outside the input are zeros."""
+    cdef int ch, r, ih
+    cdef floating* dst
+    cdef int right = d.padded_width - c.pad_left - c.width
+    for ch in range(c.group_in):
+        for r in range(rows):
+            ih = first_row + r
+            dst = band + ch * d.channel_stride + <ptrdiff_t>r * d.padded_width
+            if ih < 0 or ih >= c.height:
+                memset(dst, 0, d.padded_width * sizeof(floating))
+                continue
+            memset(dst, 0, c.pad_left * sizeof(floating))
+            memcpy(dst + c.pad_left, x + (<Py_ssize_t>ch * c.height + ih) * c.width, c.width * sizeof(floating))
+            memset(dst + c.pad_left + c.width, 0, right * sizeof(floating))
+
+
+cdef void store_tile(const floating* tile, const Conv* c, const Direct* d, int start, int end, int channels,
+                     const floating* bias, floating* y) noexcept nogil:
+    """y[j, r, ow] = tile[j, q - start] (+ bias[j]) for the tile's pixels q = r * padded_width + ow in
+    [start, end) with ow < out_w (the others lie in the padding columns) and its first `channels` channels.
+    y points at the band's first output row of the tile's first channel."""
+    cdef int j, k, q, r, run
+    cdef floating shift
+    cdef floating* dst
+    cdef const floating* src
+    for j in range(channels):
+        shift = bias[j] if bias != NULL else 0
+        q = start
+        while q < end:  # one run of valid pixels per output row
+            r = q // d.padded_width
+            run = min(end, r * d.padded_width + c.out_w) - q
+            dst = y + (<Py_ssize_t>j * c.out_h + r) * c.out_w + q - r * d.padded_width
+            src = tile + j * d.width + q - start
+            for k in range(run):
+                dst[k] = src[k] + shift
+            q = (r + 1) * d.padded_width
+
+
+cdef void direct_unit(const floating* x, const floating* packed, const floating* bias, const Conv* c,
+                      const Direct* d, const ptrdiff_t* taps, int unit, floating* y, floating* band,
+                      floating* tile) noexcept nogil:
+    """Output rows [row, row + rows) of one image, every channel: pad the band's input once per group, then
+    for each block of d.channels channels sweep the tiles across it."""
+    cdef int image = unit // d.bands, row = (unit % d.bands) * d.band_rows
+    cdef int rows = min(d.band_rows, c.out_h - row), pixels = rows * d.padded_width
+    cdef int g, block, start, channels
+    cdef floating* y_block
+    cdef const floating* w_block
+    for g in range(c.groups):
+        pad_band(x + (<Py_ssize_t>image * c.channels + g * c.group_in) * c.height * c.width, c, d, row - c.pad_top,
+                 rows + d.halo, band)
+        for block in range(d.blocks):
+            channels = min(d.channels, c.group_out - block * d.channels)
+            w_block = packed + (<Py_ssize_t>g * d.blocks + block) * c.group_in * d.taps * d.channels
+            y_block = y + ((<Py_ssize_t>image * c.out_channels + g * c.group_out + block * d.channels) * c.out_h
+                           + row) * c.out_w
+            start = 0
+            while start < pixels:
+                if floating is float:
+                    direct_tile_float(band + start, d.channel_stride, c.group_in, taps, d.taps, w_block, tile)
+                else:
+                    direct_tile_double(band + start, d.channel_stride, c.group_in, taps, d.taps, w_block, tile)
+                store_tile(tile, c, d, start, min(start + d.width, pixels), channels,
+                           bias + g * c.group_out + block * d.channels if bias != NULL else NULL, y_block)
+                start += d.width
+
+
+cdef tap_offsets(const Conv* c, const Direct* d, int length):
+    """Where each kernel tap (kh, kw) reads in a padded band, relative to the output pixel; `length` long,
+    the taps past the real ones reading at offset 0 (their results are dropped)."""
+    offsets = np.zeros(length, np.intp)
+    offsets[:d.taps] = [kh * c.dilation_h * d.padded_width + kw * c.dilation_w
+                        for kh in range(c.kernel_h) for kw in range(c.kernel_w)]
+    return offsets
+
+
+cdef void direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, const floating* bias,
+                 floating[:, :, :, ::1] y, const Conv* c, const Direct* d, bint flipped, int threads):
+    """y = conv2d(x, w) + bias by the direct path; flipped: w is the weight of the convolution whose stride-1
+    input gradient this is (params.input_gradient_as_forward)."""
+    dtype = np.asarray(y).dtype
+    cdef floating[::1] packed = np.empty(c.groups * d.blocks * c.group_in * d.taps * d.channels, dtype)
+    pack_weight(&w[0, 0, 0, 0], c, d, flipped, &packed[0])
+    cdef ptrdiff_t[::1] taps = tap_offsets(c, d, d.taps)
+    # zeroed once: the slack past the band and the rows a short last band leaves stale are read by tiles
+    # whose results are never stored, and must not hold signalling garbage
+    cdef floating[:, ::1] workspace = np.zeros((threads, d.buffer + d.channels * d.width), dtype)
+    cdef floating* band
+    cdef int unit
+    for unit in prange(c.batch * d.bands, nogil=True, schedule="dynamic", num_threads=threads):
+        band = &workspace[omp_get_thread_num(), 0]
+        direct_unit(&x[0, 0, 0, 0], &packed[0], bias, c, d, &taps[0], unit, &y[0, 0, 0, 0], band, band + d.buffer)
+
+
+
+def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, const floating[::1] bias,
+                   floating[:, :, :, ::1] y, p, int threads):
+    """y = conv2d(x, w) + bias (bias may be None), by the direct path."""
+    cdef Conv c = geometry(p)
+    cdef Direct d
+    if not direct_plan(&c, sizeof(floating), &d):
+        raise ValueError(f"the direct path does not serve {p}")
+    direct(x, w, bias_pointer(bias), y, &c, &d, False, threads)
+
+
+
+def backward_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] w,
+                          floating[:, :, :, ::1] gx, p, int threads):
+    """gx = the gradient of conv2d with respect to its input, as the direct forward convolution of gy with
+    the flipped kernel (stride 1, padding at most the kernel's span)."""
+    cdef Conv as_forward
+    cdef Direct d
+    as_forward_params = p.input_gradient_as_forward()
+    if as_forward_params is None:
+        raise ValueError(f"the direct path does not serve the input gradient of {p}")
+    as_forward = geometry(as_forward_params)
+    if not direct_plan(&as_forward, sizeof(floating), &d):
+        raise ValueError(f"the direct path does not serve the input gradient of {p}")
+    direct(gy, w, NULL, gx, &as_forward, &d, True, threads)
+
+
+
+cdef void direct_weight_unit(const floating* gy, const floating* x, const Conv* c, const Direct* d,
+                             const ptrdiff_t* taps, int unit, floating* partial, floating* band, floating* gy_block,
+                             floating* sums) noexcept nogil:
+    """partial += the weight gradient of one unit (output rows [row, row + rows) of one image): its input
+    rows padded once per group, then a weight tile per (block of output channels, input channel, group of
+    WEIGHT_TAPS taps), its sums added in that order. A block short of d.channels channels is read from a
+    copy padded with zero channels, so no tile reads past grad_output."""
+    cdef int image = unit // d.bands, row = (unit % d.bands) * d.band_rows
+    cdef int rows = min(d.band_rows, c.out_h - row)
+    cdef int g, block, channels, ch, k, group, j, t
+    cdef Py_ssize_t plane = <Py_ssize_t>c.out_h * c.out_w, stride
+    cdef const floating* grads
+    cdef floating* dst
+    for g in range(c.groups):
+        pad_band(x + (<Py_ssize_t>image * c.channels + g * c.group_in) * c.height * c.width, c, d, row - c.pad_top,
+                 rows + d.halo, band)
+        for block in range(d.blocks):
+            channels = min(d.channels, c.group_out - block * d.channels)
+            grads = gy + ((<Py_ssize_t>image * c.out_channels + g * c.group_out + block * d.channels) * c.out_h
+                          + row) * c.out_w
+            stride = plane
+            if channels < d.channels:
+                stride = <Py_ssize_t>rows * c.out_w
+                for j in range(d.channels):
+                    if j < channels:
+                        memcpy(gy_block + j * stride, grads + j * plane, stride * sizeof(floating))
+                    else:
+                        memset(gy_block + j * stride, 0, stride * sizeof(floating))
+                grads = gy_block
+            for ch in range(c.group_in):
+                for k in range(ceil_div(d.taps, WEIGHT_TAPS)):
+                    group = k * WEIGHT_TAPS
+                    if floating is float:
+                        direct_weight_float(grads, stride, band + ch * d.channel_stride, d.padded_width,
+                                            taps + group, rows, c.out_w, sums)
+                    else:
+                        direct_weight_double(grads, stride, band + ch * d.channel_stride, d.padded_width,
+                                             taps + group, rows, c.out_w, sums)
+                    for j in range(channels):
+                        dst = partial + ((<Py_ssize_t>g * c.group_out + block * d.channels + j) * c.group_in + ch) * d.taps
+                        for t in range(min(WEIGHT_TAPS, d.taps - group)):
+                            dst[group + t] += sums[j * WEIGHT_TAPS + t]
+
+
+cdef void direct_weight_partials(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x, const Conv* c,
+                                 const Direct* d, floating[:, ::1] partials, int threads):
+    """partials[k] = the weight gradient of the k-th fixed run of units, by the direct path."""
+    cdef int chunks = partials.shape[0], units = c.batch * d.bands, chunk, unit
+    cdef ptrdiff_t[::1] taps = tap_offsets(c, d, ceil_div(d.taps, WEIGHT_TAPS) * WEIGHT_TAPS)
+    cdef Py_ssize_t block_size = <Py_ssize_t>d.channels * d.band_rows * c.out_w
+    cdef floating[:, ::1] workspace = np.zeros((threads, d.buffer + block_size + d.channels * WEIGHT_TAPS),
+                                               np.asarray(partials).dtype)
+    cdef floating* band
+    for chunk in prange(chunks, nogil=True, schedule="dynamic", num_threads=threads):
+        band = &workspace[omp_get_thread_num(), 0]
+        memset(&partials[chunk, 0], 0, partials.shape[1] * sizeof(floating))
+        for unit in range(chunk * units // chunks, (chunk + 1) * units // chunks):
+            direct_weight_unit(&gy[0, 0, 0, 0], &x[0, 0, 0, 0], c, d, &taps[0], unit, &partials[chunk, 0], band,
+                               band + d.buffer, band + d.buffer + block_size)
+
+
+def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x, floating[:, :, :, ::1] gw,
+                    p, int threads):
+    """gw = the gradient of conv2d with respect to its weight, by the direct path: one partial per fixed run
+    of units (never per thread), the partials then added in their order."""
+    cdef Conv c = geometry(p)
+    cdef Direct d
+    if not direct_plan(&c, sizeof(floating), &d):
+        raise ValueError(f"the direct path does not serve the weight gradient of {p}")
+    cdef floating[:, ::1] partials = np.empty((min(c.batch * d.bands, WEIGHT_PARTIALS),
+                                               <Py_ssize_t>c.out_channels * c.k), np.asarray(gw).dtype)
+    direct_weight_partials(gy, x, &c, &d, partials, threads)
+    cdef floating[::1] flat_gw = np.asarray(gw).reshape(-1)
+    sum_partials(partials, flat_gw, threads)

@@ -1,0 +1,339 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The im2col + GEMM algorithm (any convolution): im2col of a block of work into a per-thread buffer, then
+one GEMM per group. A block is a few whole images, or a band of output rows of one image (so a small batch
+still feeds every core). Blocks run in parallel under OpenMP, each calling single-threaded BLAS
+(scipy.linalg.cython_blas). The blocks depend on the shape only, never on the thread count, and the weight
+gradient adds WEIGHT_PARTIALS fixed partials in a fixed order: results are bitwise identical whatever the
+number of threads.
+"""
+import numpy as np
+
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.string cimport memcpy, memset
+
+from blas_gemm cimport gemm
+from conv_common cimport (
+    MIN_UNITS,
+    WEIGHT_PARTIALS,
+    Conv,
+    bias_pointer,
+    ceil_div,
+    clamp,
+    floor_div,
+    geometry,
+    sum_partials,
+)
+from openmp_shim cimport FASTCONV_OPENMP, omp_get_max_threads, omp_get_thread_num
+
+OPENMP = bool(FASTCONV_OPENMP)  # built with OpenMP; without it prange runs serially
+
+
+def openmp_max_threads():
+    return omp_get_max_threads()
+
+# A block's column buffer is sized to stay in a core's L2 cache.
+cdef Py_ssize_t BLOCK_BYTES = 1 << 20
+
+
+cdef struct Plan:
+    int images     # images per block (more than one only when an image is one band)
+    int bands      # row bands per image
+    int band_rows  # output rows per band
+    int blocks
+    int columns    # the most columns a block has: the width of its buffers
+
+
+cdef struct Block:
+    int image, images  # images [image, image + images)
+    int row, rows      # output rows [row, row + rows) of each
+
+
+
+cdef Plan make_plan(const Conv* c, Py_ssize_t itemsize):
+    """Blocks of about BLOCK_BYTES of columns, at least MIN_UNITS of them where the batch is small."""
+    cdef Plan plan
+    cdef Py_ssize_t image_bytes = <Py_ssize_t>c.k * c.out_h * c.out_w * itemsize
+    plan.images, plan.bands = 1, 1
+    if c.pointwise or image_bytes > BLOCK_BYTES:
+        plan.bands = <int>((image_bytes + BLOCK_BYTES - 1) // BLOCK_BYTES)
+    else:
+        plan.images = <int>max(1, min(BLOCK_BYTES // image_bytes, c.batch // MIN_UNITS))
+    if plan.images == 1 and c.batch * plan.bands < MIN_UNITS:
+        plan.bands = ceil_div(MIN_UNITS, c.batch)
+    plan.band_rows = ceil_div(c.out_h, min(plan.bands, c.out_h))
+    plan.bands = ceil_div(c.out_h, plan.band_rows)
+    plan.blocks = ceil_div(c.batch, plan.images) * plan.bands
+    plan.columns = plan.images * plan.band_rows * c.out_w
+    return plan
+
+
+cdef inline Block block_of(const Conv* c, const Plan* plan, int t) noexcept nogil:
+    cdef Block b
+    b.image = (t // plan.bands) * plan.images
+    b.images = min(plan.images, c.batch - b.image)
+    b.row = (t % plan.bands) * plan.band_rows
+    b.rows = min(plan.band_rows, c.out_h - b.row)
+    return b
+
+
+cdef inline Block input_band(const Conv* c, const Plan* plan, int t, int* first, int* last) noexcept nogil:
+    """Block t of the input gradient: it owns input rows [first, last) (the bands partition the input rows)
+    and needs every output row whose window touches them."""
+    cdef Block b = block_of(c, plan, t)
+    cdef int band = t % plan.bands
+    first[0] = 0 if band == 0 else clamp(b.row * c.stride_h - c.pad_top, 0, c.height)
+    last[0] = c.height if band == plan.bands - 1 else clamp((b.row + b.rows) * c.stride_h - c.pad_top, 0, c.height)
+    b.row = max(0, ceil_div(first[0] + c.pad_top - (c.kernel_h - 1) * c.dilation_h, c.stride_h))
+    b.rows = max(0, min(c.out_h, floor_div(last[0] - 1 + c.pad_top, c.stride_h) + 1) - b.row)
+    return b
+
+
+cdef inline void valid_columns(const Conv* c, int kw, int* offset, int* low, int* high) noexcept nogil:
+    """Output columns [low, high) whose tap kw falls inside the input row, at input column ow*sw + offset."""
+    offset[0] = kw * c.dilation_w - c.pad_left
+    low[0] = clamp(ceil_div(-offset[0], c.stride_w), 0, c.out_w)
+    high[0] = clamp(ceil_div(c.width - offset[0], c.stride_w), low[0], c.out_w)
+
+
+cdef inline void zero(floating* a, int start, int end) noexcept nogil:
+    cdef int j
+    for j in range(start, end):
+        a[j] = 0
+
+
+
+
+cdef void im2col(const floating* x, const Conv* c, Block b, floating* col) noexcept nogil:
+    """col[(ch, kh, kw), (i, r, ow)] = the input tap of output pixel (b.row + r, ow) of image i, zero in the
+    padding. x points at the block's first image, at the group's first channel."""
+    cdef Py_ssize_t columns = <Py_ssize_t>b.images * b.rows * c.out_w
+    cdef Py_ssize_t plane = <Py_ssize_t>c.height * c.width, j
+    # Stride 1 with the output as wide as the input ('same'): consecutive rows are one contiguous run.
+    cdef bint runs = c.stride_h == 1 and c.stride_w == 1 and c.out_w == c.width
+    cdef int ch, kh, kw, i, r, ih, ow, offset, low, high, first, end
+    cdef const floating* src
+    cdef floating* dst
+    for ch in range(c.group_in):
+        for kh in range(c.kernel_h):
+            for kw in range(c.kernel_w):
+                valid_columns(c, kw, &offset, &low, &high)
+                dst = col + ((ch * c.kernel_h + kh) * c.kernel_w + kw) * columns
+                for i in range(b.images):
+                    src = x + (i * c.channels + ch) * plane + offset
+                    ih = b.row * c.stride_h - c.pad_top + kh * c.dilation_h  # input row of output row r = 0
+                    if runs:  # rows [first, end) are inside the input: copy them at once, then zero the edges
+                        first = clamp(-ih, 0, b.rows)
+                        end = clamp(c.height - ih, first, b.rows)
+                        for j in range(first * c.out_w + low, (end - 1) * c.out_w + high):
+                            dst[j] = src[ih * c.width + j]
+                        for r in range(b.rows):
+                            if r < first or r >= end:
+                                zero(dst + r * c.out_w, 0, c.out_w)
+                            else:
+                                zero(dst + r * c.out_w, 0, low)
+                                zero(dst + r * c.out_w, high, c.out_w)
+                        dst += b.rows * c.out_w
+                        continue
+                    for r in range(b.rows):
+                        if ih < 0 or ih >= c.height:
+                            zero(dst, 0, c.out_w)
+                        else:
+                            zero(dst, 0, low)
+                            for ow in range(low, high):
+                                dst[ow] = src[ih * c.width + ow * c.stride_w]
+                            zero(dst, high, c.out_w)
+                        ih += c.stride_h
+                        dst += c.out_w
+
+
+cdef void col2im(const floating* col, const Conv* c, Block b, int first, int last, floating* gx) noexcept nogil:
+    """The adjoint of im2col, restricted to input rows [first, last): gx += the taps of col that land there.
+    Each gx element adds its terms in the fixed order (kh, kw, r)."""
+    cdef Py_ssize_t columns = <Py_ssize_t>b.images * b.rows * c.out_w
+    cdef Py_ssize_t plane = <Py_ssize_t>c.height * c.width
+    cdef int ch, kh, kw, i, r, ih, ow, offset, low, high
+    cdef const floating* src
+    cdef floating* dst
+    for ch in range(c.group_in):
+        for kh in range(c.kernel_h):
+            for kw in range(c.kernel_w):
+                valid_columns(c, kw, &offset, &low, &high)
+                src = col + ((ch * c.kernel_h + kh) * c.kernel_w + kw) * columns
+                for i in range(b.images):
+                    for r in range(b.rows):
+                        ih = (b.row + r) * c.stride_h - c.pad_top + kh * c.dilation_h
+                        if first <= ih < last:
+                            dst = gx + (i * c.channels + ch) * plane + ih * c.width + offset
+                            for ow in range(low, high):
+                                dst[ow * c.stride_w] += src[ow]
+                        src += c.out_w
+
+
+cdef inline Py_ssize_t output_offset(const Conv* c, Block b, int g) noexcept nogil:
+    """Offset of the block's first element of group g in an output-shaped array (y, grad_output)."""
+    return ((<Py_ssize_t>b.image * c.out_channels + g * c.group_out) * c.out_h + b.row) * c.out_w
+
+
+cdef const floating* output_rows(const floating* a, const Conv* c, Block b, int g, floating* buffer,
+                                 int* ld) noexcept nogil:
+    """The block's rows of group g of an output-shaped array as a (group_out, columns) matrix: in place for
+    one image, else gathered into buffer."""
+    cdef Py_ssize_t image_rows = <Py_ssize_t>b.rows * c.out_w, image_size = <Py_ssize_t>c.out_h * c.out_w
+    cdef int co, i
+    if b.images == 1:
+        ld[0] = <int>image_size
+        return a + output_offset(c, b, g)
+    ld[0] = <int>(b.images * image_rows)
+    for co in range(c.group_out):
+        for i in range(b.images):
+            memcpy(buffer + co * ld[0] + i * image_rows,
+                   a + output_offset(c, b, g) + (i * c.out_channels + co) * image_size,
+                   image_rows * sizeof(floating))
+    return buffer
+
+
+cdef void store_output(const floating* block_out, int ld, const floating* bias, const Conv* c, Block b, int g,
+                       floating* y) noexcept nogil:
+    """y's block rows of group g = block_out (+ bias); block_out may already be those rows of y."""
+    cdef Py_ssize_t image_rows = <Py_ssize_t>b.rows * c.out_w, image_size = <Py_ssize_t>c.out_h * c.out_w
+    cdef floating shift
+    cdef floating* dst
+    cdef const floating* src
+    cdef int co, i
+    cdef Py_ssize_t j
+    for co in range(c.group_out):
+        shift = bias[g * c.group_out + co] if bias != NULL else 0
+        for i in range(b.images):
+            dst = y + output_offset(c, b, g) + (i * c.out_channels + co) * image_size
+            src = block_out + co * ld + i * image_rows
+            if src == dst and bias == NULL:
+                continue
+            for j in range(image_rows):
+                dst[j] = src[j] + shift
+
+
+cdef inline const floating* group_input(const floating* x, const Conv* c, Block b, int g) noexcept nogil:
+    """The block's first image at group g's first channel."""
+    return x + (<Py_ssize_t>b.image * c.channels + g * c.group_in) * c.height * c.width
+
+
+cdef void forward_block(const floating* x, const floating* w, const floating* bias, const Conv* c, Block b,
+                        floating* y, floating* col, floating* out) noexcept nogil:
+    cdef int columns = b.images * b.rows * c.out_w, g, ldb, ldc
+    cdef const floating* cols
+    cdef floating* target
+    for g in range(c.groups):
+        if c.pointwise:  # one image, and its output rows are its input rows
+            cols, ldb = group_input(x, c, b, g) + b.row * c.width, c.height * c.width
+        else:
+            im2col(group_input(x, c, b, g), c, b, col)
+            cols, ldb = col, columns
+        if b.images == 1:
+            target, ldc = y + output_offset(c, b, g), c.out_h * c.out_w
+        else:
+            target, ldc = out, columns
+        gemm(False, False, c.group_out, columns, c.k, w + <Py_ssize_t>g * c.group_out * c.k, c.k,
+             cols, ldb, 0, target, ldc)
+        store_output(target, ldc, bias, c, b, g, y)
+
+
+cdef void backward_input_block(const floating* gy, const floating* w, const Conv* c, const Plan* plan, int t,
+                               floating* gx, floating* col, floating* rows) noexcept nogil:
+    cdef int first, last, g, ld, i
+    cdef Block b = input_band(c, plan, t, &first, &last)
+    cdef int columns = b.images * b.rows * c.out_w
+    cdef Py_ssize_t plane = <Py_ssize_t>c.height * c.width
+    cdef const floating* gy_rows
+    cdef floating* gx_image = gx + <Py_ssize_t>b.image * c.channels * plane
+    if not c.pointwise:  # col2im adds into gx; pointwise GEMMs write it whole
+        for i in range(b.images * c.channels):
+            memset(gx_image + i * plane + first * c.width, 0, (last - first) * c.width * sizeof(floating))
+        if columns == 0:  # these input rows only meet padding... of no output: their gradient is zero
+            return
+    for g in range(c.groups):
+        gy_rows = output_rows(gy, c, b, g, rows, &ld)
+        if c.pointwise:
+            gemm(True, False, c.k, columns, c.group_out, w + <Py_ssize_t>g * c.group_out * c.k, c.k,
+                 gy_rows, ld, 0, <floating*>group_input(gx, c, b, g) + b.row * c.width, <int>plane)
+        else:
+            gemm(True, False, c.k, columns, c.group_out, w + <Py_ssize_t>g * c.group_out * c.k, c.k,
+                 gy_rows, ld, 0, col, columns)
+            col2im(col, c, b, first, last, <floating*>group_input(gx, c, b, g))
+
+
+cdef void backward_weight_chunk(const floating* gy, const floating* x, const Conv* c, const Plan* plan,
+                                int first_block, int end_block, floating* partial, floating* col,
+                                floating* rows) noexcept nogil:
+    """partial = the weight gradient of blocks [first_block, end_block), accumulated in block order."""
+    cdef int t, g, ld, ldb, columns
+    cdef Block b
+    cdef const floating* gy_rows
+    cdef const floating* cols
+    for t in range(first_block, end_block):
+        b = block_of(c, plan, t)
+        columns = b.images * b.rows * c.out_w
+        for g in range(c.groups):
+            gy_rows = output_rows(gy, c, b, g, rows, &ld)
+            if c.pointwise:
+                cols, ldb = group_input(x, c, b, g) + b.row * c.width, c.height * c.width
+            else:
+                im2col(group_input(x, c, b, g), c, b, col)
+                cols, ldb = col, columns
+            gemm(False, True, c.group_out, c.k, columns, gy_rows, ld, cols, ldb, 0 if t == first_block else 1,
+                 partial + <Py_ssize_t>g * c.group_out * c.k, c.k)
+
+
+
+def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, const floating[::1] bias,
+                 floating[:, :, :, ::1] y, p, int threads):
+    """y = conv2d(x, w) + bias (bias may be None), by im2col + GEMM."""
+    cdef Conv c = geometry(p)
+    cdef const floating* bias_ptr = bias_pointer(bias)
+    cdef Plan plan = make_plan(&c, sizeof(floating))
+    cdef floating[:, ::1] workspace = np.empty((threads, (c.k + c.group_out) * plan.columns), np.asarray(y).dtype)
+    cdef floating* col
+    cdef int t
+    for t in prange(plan.blocks, nogil=True, schedule="dynamic", num_threads=threads):
+        col = &workspace[omp_get_thread_num(), 0]
+        forward_block(&x[0, 0, 0, 0], &w[0, 0, 0, 0], bias_ptr, &c, block_of(&c, &plan, t), &y[0, 0, 0, 0],
+                      col, col + <Py_ssize_t>c.k * plan.columns)
+
+
+
+def backward_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] w, floating[:, :, :, ::1] gx,
+                        p, int threads):
+    """gx = the gradient of conv2d with respect to its input, by GEMM + col2im."""
+    cdef Conv c = geometry(p)
+    cdef Plan plan = make_plan(&c, sizeof(floating))
+    cdef int first, last, t
+    for t in range(plan.blocks):  # an input band's output rows reach beyond its own band (the kernel's halo)
+        plan.columns = max(plan.columns, input_band(&c, &plan, t, &first, &last).rows * c.out_w * plan.images)
+    cdef floating[:, ::1] workspace = np.empty((threads, (c.k + c.group_out) * plan.columns),
+                                               np.asarray(gx).dtype)
+    cdef floating* col
+    for t in prange(plan.blocks, nogil=True, schedule="dynamic", num_threads=threads):
+        col = &workspace[omp_get_thread_num(), 0]
+        backward_input_block(&gy[0, 0, 0, 0], &w[0, 0, 0, 0], &c, &plan, t, &gx[0, 0, 0, 0],
+                             col, col + <Py_ssize_t>c.k * plan.columns)
+
+
+
+def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x, floating[:, :, :, ::1] gw,
+                    p, int threads):
+    """gw = the gradient of conv2d with respect to its weight: one partial per fixed run of blocks (never per
+    thread), the partials then added in their order."""
+    cdef Conv c = geometry(p)
+    cdef Plan plan = make_plan(&c, sizeof(floating))
+    cdef int chunks = min(plan.blocks, WEIGHT_PARTIALS), chunk
+    dtype = np.asarray(gw).dtype
+    cdef floating[:, ::1] partials = np.empty((chunks, <Py_ssize_t>c.out_channels * c.k), dtype)
+    cdef floating[:, ::1] workspace = np.empty((threads, (c.k + c.group_out) * plan.columns), dtype)
+    cdef floating* col
+    for chunk in prange(chunks, nogil=True, schedule="dynamic", num_threads=threads):
+        col = &workspace[omp_get_thread_num(), 0]
+        backward_weight_chunk(&gy[0, 0, 0, 0], &x[0, 0, 0, 0], &c, &plan, chunk * plan.blocks // chunks,
+                              (chunk + 1) * plan.blocks // chunks, &partials[chunk, 0], col,
+                              col + <Py_ssize_t>c.k * plan.columns)
+    cdef floating[::1] flat_gw = np.asarray(gw).reshape(-1)
+    sum_partials(partials, flat_gw, threads)
