@@ -58,11 +58,8 @@ def fingerprint() -> dict:
     modules were imported since (one of them may have loaded another BLAS)."""
     of = (len(sys.modules), tuple(sorted(_sysinfo.kernel_variables().items())))
     if _state["fingerprint_of"] != of:
-        _state["fingerprint"] = {
-            "cpu": _sysinfo.cpu_model(), "cpu_flags": _sysinfo.cpu_flags(), "cores": os.cpu_count(),
-            "blas": _sysinfo.blas_libraries(), "kernel_variables": _sysinfo.kernel_variables(),
-            "versions": _sysinfo.versions(),
-        }
+        machine = _sysinfo.describe()
+        _state["fingerprint"] = {key: machine[key] for key in _sysinfo.FINGERPRINT}
         _state["fingerprint_of"] = (len(sys.modules), of[1])
     return _state["fingerprint"]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import sys
 
 import numpy as np
@@ -16,8 +16,12 @@ def info(args):
     """Versions, backends and their algorithms (and why one is unavailable), auto, threads and BLAS."""
     from fastconv import _sysinfo, autotune
 
-    print(f"fastconv {fastconv.__version__}, Python {platform.python_version()}, NumPy {np.__version__}")
-    print(f"machine: {_sysinfo.cpu_model()} ({platform.machine()}), threads in use: {fastconv.get_num_threads()}")
+    status = fastconv.backend_status()  # loads the backends first: describe() then sees their libraries
+    machine = _sysinfo.describe()
+    print(", ".join(f"{name} {version}" for name, version in dict(machine["versions"], torch=machine["torch"]).items()
+                    if version))
+    print(f"machine: {machine['cpu']}, {machine['physical_cores'] or '?'} cores ({machine['usable_cpus']} usable), "
+          f"{machine['platform']}; threads in use: {fastconv.get_num_threads()}")
     print(f"default backend: {fastconv.get_backend()}")
     if autotune.measuring():
         print(f"auto: the fastest algorithm, measured once per call shape; {len(autotune.remembered())} choices "
@@ -25,7 +29,7 @@ def info(args):
     else:
         print(f"auto: the fixed order {', '.join(dispatch.PREFERENCE)}, each backend's algorithms in its default "
               f"order (FASTCONV_AUTO=fixed)")
-    for name, error in fastconv.backend_status().items():
+    for name, error in status.items():
         if error is not None:
             print(f"  {name:8s} unavailable: {error}")
             continue
@@ -33,12 +37,11 @@ def info(args):
         print(f"  {name:8s} available{': ' + describe() if describe else ''}")
         for algorithm in (a for a in fastconv.algorithms() if a.split(":")[0] == name):
             print(f"    {algorithm:18s} {', '.join(dispatch.get_algorithm(algorithm).ops)}")
-    for lib in _sysinfo.blas_libraries():
-        print(f"  blas: {lib['internal_api']} {lib['version']}, kernel {lib['architecture']}, "
-              f"{lib['threading_layer']} threads ({lib['library']})")
-    variables = _sysinfo.kernel_variables()
-    if variables:
-        print("  kernel variables: " + ", ".join(f"{k}={v}" for k, v in variables.items()))
+    for pool in machine["thread_pools"]:
+        print(f"  {pool}")
+    print(f"  Numba threading layer: {machine['numba_threading_layer'] or 'Numba not loaded'}")
+    variables = machine["kernel_variables"]
+    print("  variables forcing a kernel: " + (", ".join(f"{k}={v}" for k, v in variables.items()) or "none"))
 
 
 def tune(args):
@@ -101,12 +104,38 @@ def cache(args):
                 print(f"  {name:18s} {key}")
 
 
+def restart_for_measuring(argv, reuse_buffers=True, keep_blas_kernel=False):
+    """Restart this process as `python -m fastconv ARGV` with BLAS_THREAD_TIMEOUT in the environment, without
+    FORCED_BLAS_KERNEL (unless keep_blas_kernel) and, with reuse_buffers, REUSED_BUFFERS in GLIBC_TUNABLES,
+    unless that is so already (glibc and OpenBLAS read them only when they start). A value the user set for
+    the timeout is kept."""
+    from fastconv.report.measure import BLAS_THREAD_TIMEOUT, FORCED_BLAS_KERNEL, REUSED_BUFFERS, reusing_buffers
+
+    name, value = BLAS_THREAD_TIMEOUT
+    env = dict(os.environ)
+    env.setdefault(name, value)
+    if not keep_blas_kernel:
+        for variable in FORCED_BLAS_KERNEL:
+            env.pop(variable, None)
+    if reuse_buffers and not reusing_buffers():
+        current = env.get("GLIBC_TUNABLES")
+        env["GLIBC_TUNABLES"] = f"{current}:{REUSED_BUFFERS}" if current else REUSED_BUFFERS
+    if env == dict(os.environ):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "fastconv", *argv], env)
+
+
 def report(args):
-    """Time every available backend and PyTorch over the benchmark suite; write an HTML/Markdown report."""
+    """Time auto, every available algorithm and PyTorch over the benchmark suite; write an HTML/Markdown
+    report (or, with --from, render the report of an earlier run's results.json again)."""
     from fastconv import report
 
-    report.reexec_for_measuring(args.argv, reuse_buffers=not args.default_allocator,
-                                keep_blas_kernel=args.keep_blas_kernel)
+    if args.from_results:
+        report.from_results(args.from_results, args.out)
+        return
+    restart_for_measuring(args.argv, reuse_buffers=not args.default_allocator, keep_blas_kernel=args.keep_blas_kernel)
     report.run(args.out, quick=args.quick, threads=args.threads, with_torch=not args.no_torch,
                command=" ".join(["fastconv", *args.argv]))
 
@@ -125,6 +154,8 @@ def main(argv=None):
     report_parser.add_argument("--keep-blas-kernel", action="store_true",
                                help="keep OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE as set (by default the report "
                                     "unsets them and OpenBLAS picks its own kernel)")
+    report_parser.add_argument("--from", dest="from_results", metavar="RESULTS_JSON",
+                               help="render the report of this results.json again, without measuring")
     report_parser.set_defaults(run=report)
     tune_parser = commands.add_parser("tune", help=tune.__doc__, description=tune.__doc__)
     source = tune_parser.add_mutually_exclusive_group()

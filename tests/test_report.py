@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import fastconv
-from fastconv import _measure, report, suite
+from fastconv import _measure, _sysinfo, autotune, cli, suite
 from fastconv.ops import CONV_OPS, POOL_OPS
+from fastconv.report import measure, render, stats
 
 TINY_CONVS = (suite.Conv((2, 3, 8, 8), 4, 3, padding=1), suite.Conv((3, 2, 9, 7), 5, 2, stride=2))
 TINY_POOLS = (suite.Pool((2, 3, 8, 8), 2, 2), suite.Pool((1, 2, 9, 9), 3, 2, padding=1))
@@ -18,9 +19,9 @@ def results():
     pytest.importorskip("tqdm")  # installed by the test extra; the report's progress bar
     pytest.importorskip("matplotlib")
     with pytest.MonkeyPatch.context() as patch:  # the ceilings' full-size runs take seconds: tested below
-        patch.setattr(report, "gemm_rate", lambda threads, budget: 100.0)
-        patch.setattr(report, "copy_bandwidth", lambda threads, budget: 10.0)
-        return report.collect(TINY_CONVS, TINY_POOLS, threads=1, budget=0.001, min_repeats=1, progress=False,
+        patch.setattr(measure, "gemm_rate", lambda threads, budget: 100.0)
+        patch.setattr(measure, "copy_bandwidth", lambda threads, budget: 10.0)
+        return measure.collect(TINY_CONVS, TINY_POOLS, threads=1, budget=0.001, min_repeats=1, progress=False,
                               gemm_size=64)
 
 
@@ -57,7 +58,7 @@ def test_every_side_measures_every_case(results):
 
 
 def test_report_folder(results, tmp_path):
-    path = report.write(results, tmp_path)
+    path = render.write(results, tmp_path)
     assert path == tmp_path / "report.html"
     page = path.read_text()
     assert page.count("data:image/png;base64,") == len(CONV_OPS + POOL_OPS) + 1  # + roofline
@@ -68,17 +69,17 @@ def test_report_folder(results, tmp_path):
         assert f"]({name})" in markdown
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == json.loads(json.dumps(results["rows"]))
-    assert "|" in report.summary(results) and "auto against the fastest algorithm" in report.summary(results)
+    assert "|" in render.summary(results) and "auto against the fastest algorithm" in render.summary(results)
 
 
 def test_auto_against_the_fastest_algorithm(results):
-    closeness = report.auto_against_best(results)
+    closeness = stats.auto_against_best(results)
     pairs = sum(len(case.ops) for case in TINY_CONVS + TINY_POOLS)
     assert closeness["pairs"] == pairs
     for way in ("measured", "choice"):
         assert 0 < closeness[way]["worst"]["ratio"] <= closeness[way]["geomean"] + 1e-12
     assert closeness["choice"]["geomean"] <= 1 + 1e-12  # no algorithm is faster than the fastest
-    headers, table = report._algorithm_table(results, "conv2d_forward")
+    headers, table = render._algorithm_table(results, "conv2d_forward")
     assert "cython:direct" in headers and "fastest" in headers and len(table) == len(TINY_CONVS)
 
 
@@ -92,42 +93,42 @@ def test_reference_inputs_match_every_pooling_algorithm():
 
 def test_restarts_itself_with_reused_buffers_and_sleeping_blas_threads(monkeypatch):
     calls = []
-    monkeypatch.setattr(report.os, "execve", lambda *args: calls.append(args))
+    monkeypatch.setattr(cli.os, "execve", lambda *args: calls.append(args))
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.pthread.rseq=0")
     monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
     monkeypatch.delenv("OPENBLAS_L2_SIZE", raising=False)
-    report.reexec_for_measuring(["report", "--quick"])
+    cli.restart_for_measuring(["report", "--quick"])
     (executable, argv, env), = calls
     assert argv[1:] == ["-m", "fastconv", "report", "--quick"]
-    assert env["GLIBC_TUNABLES"] == "glibc.pthread.rseq=0:" + report.REUSED_BUFFERS
+    assert env["GLIBC_TUNABLES"] == "glibc.pthread.rseq=0:" + measure.REUSED_BUFFERS
     assert env["OPENBLAS_THREAD_TIMEOUT"] == "4"
     assert "OPENBLAS_CORETYPE" not in env  # OpenBLAS's own kernel, unless kept
-    report.reexec_for_measuring(["report", "--keep-blas-kernel"], keep_blas_kernel=True)
+    cli.restart_for_measuring(["report", "--keep-blas-kernel"], keep_blas_kernel=True)
     assert calls[-1][2]["OPENBLAS_CORETYPE"] == "Haswell"
     calls.pop()
     monkeypatch.delenv("OPENBLAS_CORETYPE")
 
-    monkeypatch.setenv("GLIBC_TUNABLES", report.REUSED_BUFFERS)
+    monkeypatch.setenv("GLIBC_TUNABLES", measure.REUSED_BUFFERS)
     monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "6")  # the user's own setting is kept
-    report.reexec_for_measuring(["report"])
+    cli.restart_for_measuring(["report"])
     assert len(calls) == 1  # already set: no restart
 
     monkeypatch.delenv("GLIBC_TUNABLES")
-    report.reexec_for_measuring(["report", "--default-allocator"], reuse_buffers=False)
+    cli.restart_for_measuring(["report", "--default-allocator"], reuse_buffers=False)
     assert len(calls) == 1
 
 
 def test_thread_scaling_rows_and_table(results):
     """The batch-1 thread comparison: every fast side measured with 1 and 2 threads, in bursts, and shown."""
     case = TINY_CONVS[0]
-    rows = report.thread_scaling(case, results["sides"], threads=2, budget=0.001, min_repeats=1)
+    rows = measure.thread_scaling(case, results["sides"], threads=2, budget=0.001, min_repeats=1)
     sides = [side for side in results["sides"] if side not in ("naive", "torch") and suite.implements(
         side, "conv2d_forward") and suite.why_not(side, case, "conv2d_forward", np.float32) is None]
     assert "im2col:pointwise" not in sides and "cython:direct" in sides
     assert {(r["backend"], r["threads"]) for r in rows} >= {(side, n) for side in sides for n in (1, 2)}
     assert all(r["status"] == "ok" and r["gflops"] > 0 for r in rows), rows
-    shown = report._markdown(report._blocks(dict(results, scaling=rows), {}))
+    shown = render._markdown(render._blocks(dict(results, scaling=rows), {}))
     assert "## Threads at batch 1" in shown and all(f"| {side} |" in shown for side in sides)
 
 
@@ -136,6 +137,34 @@ def test_share_of_gemm_is_against_the_reference_in_the_same_turns(results):
     op = "conv2d_forward"
     changed = dict(results, rows=[dict(r, gemm_gflops=r["gflops"] * 4) if r.get("gflops") else r
                                   for r in results["rows"]])
-    headers, table = report._op_table(changed, op, "float32")
+    headers, table = render._op_table(changed, op, "float32")
     shares = [line[headers.index("% of GEMM")] for line in table if line[headers.index("% of GEMM")]]
     assert shares and set(shares) == {"25%"}
+
+
+def test_a_report_renders_again_from_its_results_alone(results, tmp_path, monkeypatch):
+    """`fastconv report --from results.json` writes the same report, and rendering times nothing."""
+    render.write(results, tmp_path / "measured")
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("the renderer timed something")
+
+    for module, name in ((_measure, "time_calls"), (_measure, "race"), (measure, "time_calls"),
+                         (measure, "gemm_rate"), (measure, "copy_bandwidth")):
+        monkeypatch.setattr(module, name, no_timing)
+    cli.main(["report", "--from", str(tmp_path / "measured" / "results.json"), "--out", str(tmp_path / "again")])
+    for name in ["report.md", "report.html", "results.json", "roofline.png"]:
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "measured" / name).read_bytes(), name
+
+
+def test_info_report_and_fingerprint_describe_the_machine_with_one_function(monkeypatch, capsys):
+    real = _sysinfo.describe()
+    monkeypatch.setattr(_sysinfo, "describe", lambda: dict(real, cpu="A CPU described once"))
+    autotune._state["fingerprint_of"] = None
+    try:
+        cli.main(["info"])
+        assert "A CPU described once" in capsys.readouterr().out
+        assert measure.machine(1)["cpu"] == "A CPU described once"
+        assert autotune.fingerprint()["cpu"] == "A CPU described once"
+    finally:
+        autotune._state["fingerprint_of"] = None
