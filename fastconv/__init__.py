@@ -1,5 +1,7 @@
 """fastconv: fast CPU kernels for 2-D convolution and max-pooling, forward and backward, behind one
 PyTorch-compatible API with interchangeable backends and algorithms."""
+from importlib import metadata as _metadata
+
 from .api import conv2d, conv2d_backward, explain, max_pool2d, max_pool2d_backward
 from .dispatch import (
     algorithms,
@@ -12,7 +14,10 @@ from .dispatch import (
 from .ops import UnsupportedError
 from .threads import get_num_threads, set_num_threads, threads
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("fastconv")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "explain",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import _sysinfo
 from ._measure import race
-from .threads import SERIAL_WORK, get_num_threads
+from .threads import get_num_threads, is_tiny
 
 FILE_PREFIX = "auto-choices-"
 # The race of one new key: about a second of timed calls at most (warm-up calls excluded).
@@ -43,7 +43,7 @@ def measuring() -> bool:
 
 def worth_measuring(params) -> bool:
     """Above the serial cut (multiply-adds of a convolution, elements of a pooling)."""
-    return params.work >= SERIAL_WORK
+    return not is_tiny(params.work)
 
 
 def cache_dir() -> Path:

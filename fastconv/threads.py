@@ -70,10 +70,15 @@ def threads(n: int):
 SERIAL_WORK = 1 << 18
 
 
+def is_tiny(work: int) -> bool:
+    """Whether `work` is below the serial cut: one thread, BLAS left alone, nothing measured."""
+    return work < SERIAL_WORK
+
+
 def threads_for(work: int) -> int:
     """The threads a kernel should use for `work`: 1 for tiny problems, chosen by size only, so that the
     path taken never depends on the thread setting; else get_num_threads()."""
-    return 1 if work < SERIAL_WORK else get_num_threads()
+    return 1 if is_tiny(work) else get_num_threads()
 
 
 _blas = {"libraries": None, "modules": 0}

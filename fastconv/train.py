@@ -149,8 +149,8 @@ def add_arguments(parser):
     parser.add_argument("--momentum", type=float, default=0.9, help="default: %(default)s")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="default: %(default)s")
     parser.add_argument("--seed", type=int, default=0, help="weights, split and shuffling (default: %(default)s)")
-    # One thread by default: these layers are too small for a second one to pay much (about 25% on an idle
-    # machine), and a parallel region per layer stalls badly when another process holds a core.
+    # One thread by default: these layers are too small for a second one to pay much, and a parallel region
+    # per layer stalls badly when another process holds a core.
     parser.add_argument("--threads", type=int, default=1, help="threads for the kernels (default: %(default)s)")
     parser.add_argument("--out", default="digits-training.png", help="plot of the curves (default: %(default)s)")
 

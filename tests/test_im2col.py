@@ -23,7 +23,7 @@ from fastconv import dispatch
 if "im2col" not in fastconv.available_backends():
     pytest.skip("im2col is not available", allow_module_level=True)
 
-from fastconv.backends import im2col  # noqa: E402
+from fastconv.backends import _im2col_units, im2col  # noqa: E402
 
 
 @pytest.fixture(params=[1, 3000, 40_000], ids=["one-row-bands", "small-chunks", "image-chunks"])
@@ -117,7 +117,7 @@ def test_blas_never_runs_on_its_own_threads(monkeypatch, x_shape, w_shape, strid
     # each unit starts with one of these, just before its GEMM
     monkeypatch.setattr(im2col, "_pointwise_matrices", spy(im2col._pointwise_matrices))
     for name in ("unfold", "unfold_kernel_row", "columns"):
-        monkeypatch.setattr(im2col._Unfolding, name, spy(getattr(im2col._Unfolding, name)))
+        monkeypatch.setattr(_im2col_units._Unfolding, name, spy(getattr(_im2col_units._Unfolding, name)))
     rng = np.random.default_rng(3)
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
     with fastconv.threads(2):

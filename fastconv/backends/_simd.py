@@ -1,7 +1,7 @@
 """SIMD vectors for Numba kernels: one register-wide vector type and the five operations a register tile needs.
 
 LLVM's loop vectorizer keeps a loop's accumulators in memory, and its SLP vectorizer does not turn scalar
-accumulators carried by a loop into vectors (measured: scalar code, stack spills, 9 GFLOP/s). A vector-typed
+accumulators carried by a loop into vectors (scalar code with stack spills is what comes out). A vector-typed
 Numba variable is an LLVM vector value, which the register allocator keeps in a register across the loop,
 as a C kernel's intrinsics do. The width is 512 bits, AVX-512's registers: LLVM splits these vectors into
 two 256-bit halves on CPUs without it, and auto-vectorized code would use 256 bits on CPUs that prefer them,

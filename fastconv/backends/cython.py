@@ -13,7 +13,7 @@ import numpy as np
 
 from ..ops import POOL_OPS, Algorithm
 from ..params import index_out_of_plane
-from ..threads import SERIAL_WORK, blas_threads, threads_for
+from ..threads import blas_threads, is_tiny, threads_for
 
 try:
     from . import _conv_direct, _conv_gemm, _pool
@@ -33,38 +33,23 @@ def describe():
 def _convolve(kernel, p, *arrays):
     """Run a convolution kernel, with BLAS single-threaded inside it (the thread setting is applied by the
     kernel's own parallel region: BLAS must not add threads of its own, even on one thread)."""
-    if p.work < SERIAL_WORK:  # no parallel region, and GEMMs below OpenBLAS's own threading threshold
+    if is_tiny(p.work):  # no parallel region, and GEMMs below OpenBLAS's own threading threshold
         kernel(*arrays, p, 1)
         return
     with blas_threads(1):
         kernel(*arrays, p, threads_for(p.work))
 
 
-def _forward(kernel):
-    def forward(x, w, b, p):
-        y = np.empty(p.output_shape, x.dtype)
-        _convolve(kernel, p, x, w, b, y)
-        return y
+def _filling(kernel, shape):
+    """An op's function: a new array of the params' `shape` ("output_shape", ...), filled by the compiled
+    kernel from the op's arrays."""
+    def op(*arrays_and_params):
+        *arrays, p = arrays_and_params
+        out = np.empty(getattr(p, shape), arrays[0].dtype)
+        _convolve(kernel, p, *arrays, out)
+        return out
 
-    return forward
-
-
-def _input_gradient(kernel):
-    def input_gradient(gy, w, p):
-        gx = np.empty(p.input_shape, gy.dtype)
-        _convolve(kernel, p, gy, w, gx)
-        return gx
-
-    return input_gradient
-
-
-def _weight_gradient(kernel):
-    def weight_gradient(gy, x, p):
-        gw = np.empty(p.weight_shape, gy.dtype)
-        _convolve(kernel, p, gy, x, gw)
-        return gw
-
-    return weight_gradient
+    return op
 
 
 def max_pool2d_forward(x, p):
@@ -92,14 +77,16 @@ def _direct_applicable(op, p, dtype):
     return None
 
 
+def _convolutions(kernels):
+    """The three convolution ops of a compiled module (its forward, backward_input and backward_weight)."""
+    return {"conv2d_forward": _filling(kernels.forward, "output_shape"),
+            "conv2d_backward_input": _filling(kernels.backward_input, "input_shape"),
+            "conv2d_backward_weight": _filling(kernels.backward_weight, "weight_shape")}
+
+
 ALGORITHMS = (
-    Algorithm("direct", {"conv2d_forward": _forward(_conv_direct.forward),
-                         "conv2d_backward_input": _input_gradient(_conv_direct.backward_input),
-                         "conv2d_backward_weight": _weight_gradient(_conv_direct.backward_weight)},
-              _direct_applicable),
-    Algorithm("gemm", {"conv2d_forward": _forward(_conv_gemm.forward),
-                       "conv2d_backward_input": _input_gradient(_conv_gemm.backward_input),
-                       "conv2d_backward_weight": _weight_gradient(_conv_gemm.backward_weight)}),
+    Algorithm("direct", _convolutions(_conv_direct), _direct_applicable),
+    Algorithm("gemm", _convolutions(_conv_gemm)),
     Algorithm("pool", {"max_pool2d_forward": max_pool2d_forward, "max_pool2d_backward": max_pool2d_backward}),
 )
 

@@ -54,8 +54,8 @@ def _source(a, up, pad, stride, sub_shape, tail, fold=1, check_finite=False):
 @functools.lru_cache(maxsize=256)
 def _tap_offsets(groups, per_group, kernel, stride, dilation, sub_shape, taps_padded, tail_start):
     """offsets[g, k]: where tap k = (channel, kh, kw) of group g starts in a source image (stride phase,
-    then shift); taps past the real ones point at the zero tail. Remembered per layout (building them took
-    ~5% of a batch-1 call), so the array is shared: the kernels only read it."""
+    then shift); taps past the real ones point at the zero tail. Remembered per layout (building them is a
+    visible share of a small call), so the array is shared: the kernels only read it."""
     (kh, kw), (sh, sw), (dh, dw), (sub_h, sub_w) = kernel, stride, dilation, sub_shape
     channel = np.arange(groups)[:, None, None, None] * per_group + np.arange(per_group)[None, :, None, None]
     rows, cols = np.arange(kh)[:, None] * dh, np.arange(kw)[None, :] * dw
@@ -78,8 +78,8 @@ def _packed_weights(w, groups):
 
 ROWS_PER_TILE = 2048  # output elements (whole rows) of one work item at most; small planes fold images to fill it
 # A tile's input (a run of every input channel of a group) should stay in a core's L2 cache: each of the
-# tile's blocks of output channels reads all of it again. Measured: 1.2-1.5x on the suite's 1x1 layer and
-# 1.1x on its 8x8 one, the others unchanged (counting stride phases too made the stride-2 layer slower).
+# tile's blocks of output channels reads all of it again (stride phases are not counted: a strided layer's
+# tiles would get too short).
 TILE_INPUT_BYTES = 1 << 19
 
 

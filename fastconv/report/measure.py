@@ -88,8 +88,8 @@ def _failed(error):
 
 
 # Calls per side and turn in the suite's runs. The first call of a turn pays for what the side before left
-# behind (another library's threads still spinning on both cores, its own threads asleep: 2-3x on a
-# millisecond-long call); the median of the turn's calls is the steady state of a loop of calls.
+# behind (another library's threads still spinning on both cores, its own threads asleep); the median of
+# the turn's calls is the steady state of a loop of calls.
 TURN_CALLS = 3
 
 
