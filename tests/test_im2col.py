@@ -1,6 +1,7 @@
 """im2col's own mechanics: every unit size (row bands of one image, chunks of images with a smaller
 last chunk) gives the oracle's results, on both stride-1 paths (im2col and row-shifted), and the
 workspace does not grow with the batch."""
+import threading
 import tracemalloc
 
 import numpy as np
@@ -124,3 +125,51 @@ def test_blas_never_runs_on_its_own_threads(monkeypatch, x_shape, w_shape, strid
         y = fastconv.conv2d(x, w, stride=stride, padding=w_shape[2] // 2, backend="im2col")
         fastconv.conv2d_backward(y, x, w, stride=stride, padding=w_shape[2] // 2, backend="im2col")
     assert seen and max(seen) == 1, seen
+
+
+# Where each algorithm's units start: a unit that fails there fails before its partial is added.
+UNIT_STEPS = {"im2col:gemm": (_im2col_units._Unfolding, "unfold"),
+              "im2col:rowshift": (_im2col_units._Unfolding, "unfold_kernel_row"),
+              "im2col:pointwise": (im2col, "_pointwise_matrices")}
+
+
+@pytest.mark.parametrize("algorithm", list(UNIT_STEPS))
+def test_a_failing_unit_makes_the_call_raise_and_the_next_call_works(monkeypatch, workspace_limit, algorithm):
+    """A worker that raises stops the others (none is left waiting for the partial that never comes) and
+    the call raises that error; the pool is as good as new afterwards."""
+    rng = np.random.default_rng(5)
+    kernel = 1 if algorithm.endswith("pointwise") else 3
+    x, w = rng.standard_normal((16, 16, 24, 24)), rng.standard_normal((16, 16, kernel, kernel))
+    gy = rng.standard_normal((16, 16, 24 - kernel + 1, 24 - kernel + 1))
+    owner, name = UNIT_STEPS[algorithm]
+    real, count, lock = getattr(owner, name), [], threading.Lock()
+
+    def failing(*args):
+        with lock:
+            count.append(1)
+            third = len(count) == 3
+        if third:
+            raise MemoryError("a unit's workspace")
+        return real(*args)
+
+    def weight_gradient():
+        with fastconv.threads(2):
+            return fastconv.conv2d_backward(gy, x, w, output_mask=(False, True, False), backend=algorithm)[1]
+
+    outcome = {}
+
+    def call():
+        try:
+            weight_gradient()
+        except MemoryError as error:
+            outcome["raised"] = error
+
+    monkeypatch.setattr(owner, name, failing)
+    caller = threading.Thread(target=call)
+    caller.start()
+    caller.join(timeout=120)
+    assert not caller.is_alive(), "the call hung"
+    assert "raised" in outcome and len(count) >= 3
+    monkeypatch.undo()
+    ref = fastconv.conv2d_backward(gy, x, w, output_mask=(False, True, False), backend="cython:gemm")[1]
+    assert rel_err(weight_gradient(), ref) <= TOLERANCE[np.float64]

@@ -84,12 +84,14 @@ def _plan(p, itemsize, workers, row_shifted, folds):
     return [[(slice(n, min(n + images, p.batch)), slice(0, p.out_height))] for n in range(0, p.batch, images)]
 
 
-def _for_each_unit(p, dtype, work, row_shifted=False, folds=False, workspace=True):
+def _for_each_unit(p, dtype, work, row_shifted=False, folds=False, workspace=True, reduction=None):
     """work(unfolding, index, unit) for every unit, in parallel over groups of units; each worker thread
     owns one _Unfolding (its workspace, for im2col or for the row-shifted path; None without `workspace`).
     Units are numbered in order; claimed in order. BLAS runs single-threaded inside the workers: OpenBLAS's
     own threads would keep spinning for a while after each call and slow whatever runs next, in any
-    library."""
+    library. The first error of any worker (an interrupt of the caller included) stops the others, the
+    `reduction` (an _InOrder the units add to) is abandoned so that no worker waits for a partial that
+    will never come, and the error is raised here once every worker has stopped."""
     workers = threads_for(p.work)
     groups = _plan(p, np.dtype(dtype).itemsize, workers, row_shifted, folds)
     numbered, index = [], 0
@@ -108,17 +110,25 @@ def _for_each_unit(p, dtype, work, row_shifted=False, folds=False, workspace=Tru
                 for index, unit in group:
                     work(unfolding, index, unit)
         return
-    claim, lock = iter(numbered), threading.Lock()
+    claim, lock, errors = iter(numbered), threading.Lock(), []
 
     def worker():
-        unfolding = new_unfolding()
-        while True:
+        try:
+            unfolding = new_unfolding()
+            while not errors:
+                with lock:
+                    group = next(claim, None)
+                if group is None:
+                    return
+                for index, unit in group:
+                    work(unfolding, index, unit)
+        except _Abandoned:
+            return
+        except BaseException as error:
             with lock:
-                group = next(claim, None)
-            if group is None:
-                return
-            for index, unit in group:
-                work(unfolding, index, unit)
+                errors.append(error)
+            if reduction is not None:
+                reduction.abandon()
 
     with _executor_lock:
         if _executor["pool"] is None:
@@ -127,11 +137,15 @@ def _for_each_unit(p, dtype, work, row_shifted=False, folds=False, workspace=Tru
     with blas_threads(1):
         # The calling thread is one of the workers: a thread asleep takes long to wake in a virtual machine.
         helpers = [_executor["pool"].submit(worker) for _ in range(min(workers, len(groups)) - 1)]
-        try:
-            worker()
-        finally:  # the helpers are done with the caller's arrays before it returns, or raises
-            for future in helpers:
-                future.result()
+        worker()
+        for future in helpers:  # the helpers are done with the caller's arrays before it returns, or raises
+            future.result()
+    if errors:
+        raise errors[0]
+
+
+class _Abandoned(Exception):
+    """An _InOrder whose call failed: nothing more will be added."""
 
 
 class _InOrder:
@@ -142,10 +156,19 @@ class _InOrder:
 
     def __init__(self, total, ahead):
         self.total, self.ahead, self.next, self.pending, self.turn = total, ahead, 0, {}, threading.Condition()
+        self.abandoned = False
+
+    def abandon(self):
+        """The call failed: wake every waiting worker, which then stops (_Abandoned)."""
+        with self.turn:
+            self.abandoned = True
+            self.turn.notify_all()
 
     def add(self, index, partial):
         with self.turn:
-            self.turn.wait_for(lambda: index - self.next < self.ahead)
+            self.turn.wait_for(lambda: self.abandoned or index - self.next < self.ahead)
+            if self.abandoned:
+                raise _Abandoned
             self.pending[index] = partial
             while self.next in self.pending:
                 self.total += self.pending.pop(self.next)

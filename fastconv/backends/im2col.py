@@ -133,7 +133,7 @@ def _weight_row_shifted(gy, x, p):
                                p.kernel_width), gy.dtype)
     total = _InOrder(per_kernel_row, _partials_ahead())
     _for_each_unit(p, x.dtype, lambda unfolding, index, unit: total.add(
-        index, unfolding.row_shifted_weight_gradient(gy, x, *unit)), row_shifted=True)
+        index, unfolding.row_shifted_weight_gradient(gy, x, *unit)), row_shifted=True, reduction=total)
     return np.ascontiguousarray(per_kernel_row.transpose(0, 2, 3, 1, 4)).reshape(p.weight_shape)
 
 
@@ -148,7 +148,7 @@ def _weight_pointwise(gy, x, p):
             partial += gyg[n] @ xg[n].transpose(0, 2, 1)
         total.add(index, partial.reshape(p.weight_shape))
 
-    _for_each_unit(p, x.dtype, work, workspace=False)
+    _for_each_unit(p, x.dtype, work, workspace=False, reduction=total)
     return gw
 
 
@@ -163,7 +163,7 @@ def _weight_gemm(gy, x, p):
         colsg, gytg = _group_matrices(cols, p.groups, gyt[0].size), _group_matrices(gyt, p.groups, gyt[0].size)
         total.add(index, (gytg @ colsg.transpose(0, 2, 1)).reshape(p.weight_shape))
 
-    _for_each_unit(p, x.dtype, work)
+    _for_each_unit(p, x.dtype, work, reduction=total)
     return gw
 
 
