@@ -1,8 +1,10 @@
 """numba-specific checks: results independent of the thread count, calls from several Python threads,
 float32 accuracy of long sums, and lazy loading (import fastconv never imports Numba)."""
+import shutil
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,3 +117,18 @@ def test_weight_gradient_with_an_inf_matches_the_oracle_elsewhere():
     np.testing.assert_array_equal(np.isfinite(gw), np.isfinite(ref))
     finite = np.isfinite(ref)
     assert rel_err(gw[finite], ref[finite]) <= 1e-12
+
+
+def test_the_kernel_cache_follows_every_file_the_kernels_compile_from(tmp_path):
+    """Numba's own cache watches only the file defining a kernel: an edit of _simd.py must not leave stale
+    machine code in use, so the cache folder is named by a digest of every kernel source."""
+    from fastconv.backends import _numba_kernels
+    from fastconv.backends import numba as backend
+
+    here = Path(backend.__file__).parent
+    for name in backend.KERNEL_SOURCES:
+        shutil.copy(here / name, tmp_path / name)
+    assert backend.kernel_cache_dir(tmp_path) == backend.kernel_cache_dir()
+    (tmp_path / "_simd.py").write_text((here / "_simd.py").read_text() + "\n# an edit\n")
+    assert backend.kernel_cache_dir(tmp_path) != backend.kernel_cache_dir()
+    assert _numba_kernels.correlate._cache._cache_path.startswith(str(backend.kernel_cache_dir()))

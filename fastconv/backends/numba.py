@@ -1,21 +1,55 @@
 """The `numba` backend: kernels compiled by Numba (_numba_kernels.py), as two algorithms: `direct` (every
 convolution, forward and both gradients) and `pool` (max-pooling forward and backward).
 
-Kernels compile on first use (never at import) and are cached on disk. Every call applies the thread
+Kernels compile on first use (never at import) and are cached on disk, in a folder named by a digest of
+every file they compile from (Numba's own cache watches only the file that defines a kernel, so an edit of
+_simd.py would leave stale machine code in use). Every call applies the thread
 setting in force (Numba's thread count is per Python thread); problems too small to pay for a parallel
 region run on one thread, chosen by size only. Results do not depend on the thread count: every output
 is computed by one work item, and the weight gradient adds fixed chunks of the batch in a fixed order.
 """
+import contextlib
 import functools
+import hashlib
+import os
+from pathlib import Path
 
 import numba
 import numpy as np
 
+from ..autotune import cache_dir
 from ..ops import Algorithm
 from ..params import index_out_of_plane
 from ..threads import threads_for
-from . import _numba_kernels as kernels
-from ._simd import VECTOR_BYTES
+
+# Every file the kernels compile from.
+KERNEL_SOURCES = ("_numba_kernels.py", "_simd.py")
+
+
+def kernel_cache_dir(sources=Path(__file__).parent):
+    """Where the compiled kernels are cached: below NUMBA_CACHE_DIR (or fastconv's cache folder), in a
+    folder named by a digest of the KERNEL_SOURCES in `sources`."""
+    digest = hashlib.sha256()
+    for name in KERNEL_SOURCES:
+        digest.update((sources / name).read_bytes())
+    return Path(os.environ.get("NUMBA_CACHE_DIR") or cache_dir()) / f"numba-kernels-{digest.hexdigest()[:16]}"
+
+
+@contextlib.contextmanager
+def _caching_in(folder):
+    """numba.config.CACHE_DIR set while the kernels are defined (each takes its cache location then), and
+    restored afterwards: the user's own cached functions stay where they were."""
+    previous = numba.config.CACHE_DIR
+    numba.config.CACHE_DIR = str(folder)
+    try:
+        yield
+    finally:
+        numba.config.CACHE_DIR = previous
+
+
+with _caching_in(kernel_cache_dir()):
+    from . import _numba_kernels as kernels
+from ._simd import VECTOR_BYTES  # noqa: E402
 
 # omp runs concurrent calls from several Python threads; workqueue would abort on them.
 numba.config.THREADING_LAYER = "omp"
@@ -107,8 +141,8 @@ def _correlate(source_of, weights, groups, kernel, stride, dilation, sub_shape, 
     source = source_of(tail, fold)
     offsets = _tap_offsets(groups, weights.shape[1], kernel, stride, dilation, wide_shape, packed.shape[2],
                            source.shape[1] - tail)
-    # The tile's unchecked loads stay inside each source image:
-    assert offsets.max() + out.shape[2] * row + tail <= source.shape[1]
+    if offsets.max() + out.shape[2] * row + tail > source.shape[1]:  # the tile's loads are unchecked
+        raise RuntimeError(f"numba:direct would read past its source ({source.shape}) for {out.shape}")
     kernels.correlate(source, packed, offsets, bias, out, row, fold, tile_elements)
     return out
 
