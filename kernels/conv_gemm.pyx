@@ -187,7 +187,7 @@ cdef const floating* output_rows(const floating* a, const Conv* c, Block b, int 
     ld[0] = <int>(b.images * image_rows)
     for co in range(c.group_out):
         for i in range(b.images):
-            memcpy(buffer + co * ld[0] + i * image_rows,
+            memcpy(buffer + <Py_ssize_t>co * ld[0] + i * image_rows,
                    a + output_offset(c, b, g) + (i * c.out_channels + co) * image_size,
                    image_rows * sizeof(floating))
     return buffer
@@ -206,7 +206,7 @@ cdef void store_output(const floating* block_out, int ld, const floating* bias, 
         shift = bias[g * c.group_out + co] if bias != NULL else 0
         for i in range(b.images):
             dst = y + output_offset(c, b, g) + (i * c.out_channels + co) * image_size
-            src = block_out + co * ld + i * image_rows
+            src = block_out + <Py_ssize_t>co * ld + i * image_rows
             if src == dst and bias == NULL:
                 continue
             for j in range(image_rows):

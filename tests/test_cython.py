@@ -171,3 +171,27 @@ def test_blas_runs_on_the_kernels_threads_only(monkeypatch):
             y = fastconv.conv2d(x, w, stride=2, backend="cython")
             fastconv.conv2d_backward(y, x, w, stride=2, backend="cython")
     assert len(seen) == 6 and max(seen) == 1, seen
+
+
+def test_shapes_past_c_int_indexing_are_refused_with_the_reason():
+    """A plane past 2^31 - 1 elements would overflow the kernels' int index math (and BLAS's int sizes):
+    the compiled algorithms refuse it (no array is allocated here), and auto still has algorithms for it."""
+    from fastconv.ops import CONV_OPS
+    from fastconv.params import PoolBackwardParams, conv_params, pool_params
+
+    f32 = np.dtype(np.float32)
+    huge_plane = conv_params((1, 1, 50_000, 50_000), (4, 1, 3, 3), 1, 1, 1, 1)
+    for op in CONV_OPS:
+        for name in ("cython:direct", "cython:gemm"):
+            assert "2^31 - 1" in dispatch.get_algorithm(name).supports(op, huge_plane, f32), (name, op)
+        names = dispatch.candidates(op, huge_plane, f32, "auto",
+                                    {b: dispatch._probe(b).algorithms for b in fastconv.available_backends()},
+                                    lambda b: dispatch.default_order(b, op, huge_plane, f32))
+        assert names and not any(name.startswith("cython") for name in names)
+    pool = pool_params((1, 1, 50_000, 50_000), 2, None, 0, 1, False)
+    assert "2^31 - 1" in dispatch.get_algorithm("cython:pool").supports("max_pool2d_forward", pool, f32)
+    back = PoolBackwardParams(pool.input_shape, pool.output_shape)
+    assert "2^31 - 1" in dispatch.get_algorithm("cython:pool").supports("max_pool2d_backward", back, f32)
+    # Channels x plane past 2^31 (256 x 3000 x 3000) is indexed in Py_ssize_t: served.
+    many = conv_params((1, 256, 3000, 3000), (256, 256, 1, 1), 1, 0, 1, 1)
+    assert dispatch.get_algorithm("cython:gemm").supports("conv2d_forward", many, f32) is None

@@ -9,6 +9,8 @@ thread count.
 BLAS is kept single-threaded inside the parallel regions: a convolution call limits every loaded BLAS
 (NumPy's and SciPy's OpenBLAS alike) to one thread and restores the previous limits when it returns.
 """
+import math
+
 import numpy as np
 
 from ..ops import POOL_OPS, Algorithm
@@ -67,7 +69,28 @@ def max_pool2d_backward(gy, indices, p):
     return gx
 
 
+# The compiled kernels index within a plane, a column matrix's row and a GEMM with C ints (BLAS takes
+# nothing wider); offsets across planes are Py_ssize_t.
+INT_MAX = 2**31 - 1
+
+
+def _indexable(op, p, dtype):
+    """None where every plane, every image x channel count and every GEMM dimension fits a C int."""
+    if op in POOL_OPS:  # PoolParams or PoolBackwardParams: both have the shapes
+        sizes = (math.prod(p.input_shape[2:]), math.prod(p.output_shape[2:]), math.prod(p.input_shape[:2]))
+    else:
+        k = p.in_channels // p.groups * p.kernel_height * p.kernel_width
+        sizes = (p.padded_height * p.padded_width, p.out_height * p.out_width, p.batch * p.in_channels,
+                 p.batch * p.out_channels, p.out_channels * k)
+    if max(sizes) > INT_MAX:
+        return f"planes, image x channel counts and weight sizes of at most 2^31 - 1 elements only (here {max(sizes)})"
+    return None
+
+
 def _direct_applicable(op, p, dtype):
+    reason = _indexable(op, p, dtype)
+    if reason is not None:
+        return reason
     if _conv_direct.vector_isa() == "none":
         return "needs AVX2 or AVX-512, which this CPU lacks"
     if p.stride != (1, 1):
@@ -86,8 +109,9 @@ def _convolutions(kernels):
 
 ALGORITHMS = (
     Algorithm("direct", _convolutions(_conv_direct), _direct_applicable),
-    Algorithm("gemm", _convolutions(_conv_gemm)),
-    Algorithm("pool", {"max_pool2d_forward": max_pool2d_forward, "max_pool2d_backward": max_pool2d_backward}),
+    Algorithm("gemm", _convolutions(_conv_gemm), _indexable),
+    Algorithm("pool", {"max_pool2d_forward": max_pool2d_forward, "max_pool2d_backward": max_pool2d_backward},
+              _indexable),
 )
 
 # The weight gradient goes direct first only where its GEMM would be this narrow (C_in/G * KH * KW columns):
