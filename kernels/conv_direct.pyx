@@ -18,19 +18,27 @@ from conv_common cimport MIN_UNITS, WEIGHT_PARTIALS, Conv, bias_pointer, ceil_di
 from openmp_shim cimport omp_get_thread_num
 
 cdef extern from "direct_conv.h" nogil:
+    ctypedef void (*direct_tile_float_fn)(const float* x, ptrdiff_t channel_stride, int channels,
+                                          const ptrdiff_t* taps, int n_taps, const float* w, float* out)
+    ctypedef void (*direct_tile_double_fn)(const double* x, ptrdiff_t channel_stride, int channels,
+                                           const ptrdiff_t* taps, int n_taps, const double* w, double* out)
+    ctypedef void (*direct_weight_float_fn)(const float* gy, ptrdiff_t gy_channel_stride, const float* band,
+                                            ptrdiff_t band_row, const ptrdiff_t* taps, int rows, int width, float* out)
+    ctypedef void (*direct_weight_double_fn)(const double* gy, ptrdiff_t gy_channel_stride, const double* band,
+                                             ptrdiff_t band_row, const ptrdiff_t* taps, int rows, int width,
+                                             double* out)
+    ctypedef struct direct_tiles:
+        const char* name
+        direct_tile_float_fn tile_float
+        direct_tile_double_fn tile_double
+        direct_weight_float_fn weight_float
+        direct_weight_double_fn weight_double
+        int channels
+        int width_float
+        int width_double
     int direct_select(const char* name)
-    const char* direct_isa_name()
-    int direct_channels()
-    int direct_width(int is_double)
-    void direct_tile_float(const float* x, ptrdiff_t channel_stride, int channels, const ptrdiff_t* taps,
-                           int n_taps, const float* w, float* out)
-    void direct_tile_double(const double* x, ptrdiff_t channel_stride, int channels, const ptrdiff_t* taps,
-                            int n_taps, const double* w, double* out)
+    direct_tiles direct_current()
     int WEIGHT_TAPS
-    void direct_weight_float(const float* gy, ptrdiff_t gy_channel_stride, const float* band, ptrdiff_t band_row,
-                             const ptrdiff_t* taps, int rows, int width, float* out)
-    void direct_weight_double(const double* gy, ptrdiff_t gy_channel_stride, const double* band,
-                              ptrdiff_t band_row, const ptrdiff_t* taps, int rows, int width, double* out)
 
 VECTOR_ISAS = ("avx512", "avx2", "none")  # the register tiles, best first ("none": the direct path serves nothing)
 
@@ -42,7 +50,7 @@ def use_vector_isa(name):
 
 
 def vector_isa():
-    return direct_isa_name().decode()
+    return direct_current().name.decode()
 
 
 for _isa in VECTOR_ISAS:
@@ -55,6 +63,7 @@ cdef Py_ssize_t BAND_BYTES = 1 << 19
 
 
 cdef struct Direct:
+    direct_tiles tiles         # the register tiles of this call, copied when it is planned
     int channels               # output channels per register tile
     int width                  # output pixels per register tile
     int padded_width           # input row width with its padding: output pixel (r, ow) is at r * padded_width + ow
@@ -69,7 +78,8 @@ cdef struct Direct:
 
 cdef bint direct_plan(const Conv* c, Py_ssize_t itemsize, Direct* d):
     """The direct path's cut of the work, or False when it does not serve this convolution."""
-    d.channels, d.width = direct_channels(), direct_width(itemsize == 8)
+    d.tiles = direct_current()  # this call's tiles, whatever is selected while it runs
+    d.channels, d.width = d.tiles.channels, (d.tiles.width_double if itemsize == 8 else d.tiles.width_float)
     if d.width == 0 or c.stride_h != 1 or c.stride_w != 1:
         return False
     d.padded_width = c.out_w + (c.kernel_w - 1) * c.dilation_w
@@ -178,9 +188,9 @@ cdef void direct_unit(const floating* x, const floating* packed, const floating*
             start = 0
             while start < pixels:
                 if floating is float:
-                    direct_tile_float(band + start, d.channel_stride, c.group_in, taps, d.taps, w_block, tile)
+                    d.tiles.tile_float(band + start, d.channel_stride, c.group_in, taps, d.taps, w_block, tile)
                 else:
-                    direct_tile_double(band + start, d.channel_stride, c.group_in, taps, d.taps, w_block, tile)
+                    d.tiles.tile_double(band + start, d.channel_stride, c.group_in, taps, d.taps, w_block, tile)
                 store_tile(tile, c, d, start, min(start + d.width, pixels), channels,
                            bias + g * c.group_out + block * d.channels if bias != NULL else NULL, y_block)
                 start += d.width
@@ -274,10 +284,10 @@ cdef void direct_weight_unit(const floating* gy, const floating* x, const Conv* 
                 for k in range(ceil_div(d.taps, WEIGHT_TAPS)):
                     group = k * WEIGHT_TAPS
                     if floating is float:
-                        direct_weight_float(grads, stride, band + ch * d.channel_stride, d.padded_width,
+                        d.tiles.weight_float(grads, stride, band + ch * d.channel_stride, d.padded_width,
                                             taps + group, rows, c.out_w, sums)
                     else:
-                        direct_weight_double(grads, stride, band + ch * d.channel_stride, d.padded_width,
+                        d.tiles.weight_double(grads, stride, band + ch * d.channel_stride, d.padded_width,
                                              taps + group, rows, c.out_w, sums)
                     for j in range(channels):
                         dst = partial + ((<Py_ssize_t>g * c.group_out + block * d.channels + j) * c.group_in + ch) * d.taps

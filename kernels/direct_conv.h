@@ -119,7 +119,9 @@ __attribute__((target("avx2,fma"))) static inline double sum_double_avx2(__m256d
 #include "direct_tile.h"
 #endif
 
-static struct {
+/* The register tiles in use: a direct plan copies this table once (direct_current), so a switch of tiles
+ * (direct_select) never reaches a call already running with buffers sized for the others. */
+typedef struct {
     const char *name;
     direct_tile_float_fn tile_float;
     direct_tile_double_fn tile_double;
@@ -127,7 +129,9 @@ static struct {
     direct_weight_double_fn weight_double;
     int channels;                   /* output channels per tile */
     int width_float, width_double;  /* output positions per tile */
-} direct_isa = {"none", NULL, NULL, NULL, NULL, 0, 0, 0};
+} direct_tiles;
+
+static direct_tiles direct_isa = {"none", NULL, NULL, NULL, NULL, 0, 0, 0};
 
 /* 1 if the CPU runs the named tiles ("avx512", "avx2" or "none"); they are then the ones used. */
 static int direct_select(const char *name)
@@ -161,32 +165,4 @@ static int direct_select(const char *name)
     return 0;
 }
 
-static const char *direct_isa_name(void) { return direct_isa.name; }
-
-static int direct_channels(void) { return direct_isa.channels; }
-
-static int direct_width(int is_double) { return is_double ? direct_isa.width_double : direct_isa.width_float; }
-
-static void direct_tile_float(const float *x, ptrdiff_t channel_stride, int channels, const ptrdiff_t *taps,
-                              int n_taps, const float *w, float *out)
-{
-    direct_isa.tile_float(x, channel_stride, channels, taps, n_taps, w, out);
-}
-
-static void direct_tile_double(const double *x, ptrdiff_t channel_stride, int channels, const ptrdiff_t *taps,
-                               int n_taps, const double *w, double *out)
-{
-    direct_isa.tile_double(x, channel_stride, channels, taps, n_taps, w, out);
-}
-
-static void direct_weight_float(const float *gy, ptrdiff_t gy_channel_stride, const float *band, ptrdiff_t band_row,
-                                const ptrdiff_t *taps, int rows, int width, float *out)
-{
-    direct_isa.weight_float(gy, gy_channel_stride, band, band_row, taps, rows, width, out);
-}
-
-static void direct_weight_double(const double *gy, ptrdiff_t gy_channel_stride, const double *band, ptrdiff_t band_row,
-                                 const ptrdiff_t *taps, int rows, int width, double *out)
-{
-    direct_isa.weight_double(gy, gy_channel_stride, band, band_row, taps, rows, width, out);
-}
+static direct_tiles direct_current(void) { return direct_isa; }

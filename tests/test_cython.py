@@ -1,6 +1,8 @@
 """The cython backend's own promises: built with OpenMP here, bitwise identical with 1 and 2 threads, every
 way of cutting the work into blocks (several images per block, row bands of one image) right, the direct
 path right with every set of register tiles the CPU runs, and long float32 weight-gradient sums accurate."""
+import threading
+
 import numpy as np
 import pytest
 from cases import TOLERANCE, case_params, conv_arrays, conv_kwargs, rel_err, wide_conv_cases
@@ -195,3 +197,32 @@ def test_shapes_past_c_int_indexing_are_refused_with_the_reason():
     # Channels x plane past 2^31 (256 x 3000 x 3000) is indexed in Py_ssize_t: served.
     many = conv_params((1, 256, 3000, 3000), (256, 256, 1, 1), 1, 0, 1, 1)
     assert dispatch.get_algorithm("cython:gemm").supports("conv2d_forward", many, f32) is None
+
+
+def test_a_switch_of_register_tiles_never_reaches_a_running_call():
+    """Each call copies the tile table when it plans its buffers: switching tiles from another thread
+    (a test hook) while calls run gives results as right as ever, never a tile of one size in a buffer
+    sized for the other."""
+    conv = _cython()._conv_direct
+    default = conv.vector_isa()
+    if not (conv.use_vector_isa("avx2") and conv.use_vector_isa(default)) or default == "avx2":
+        pytest.skip("needs two sets of register tiles")
+    rng = np.random.default_rng(8)
+    x, w = (rng.standard_normal(shape).astype(np.float32) for shape in ((4, 16, 40, 40), (24, 16, 3, 3)))
+    ref = fastconv.conv2d(x.astype(np.float64), w.astype(np.float64), padding=1, backend="cython:gemm")
+    stop = threading.Event()
+
+    def toggle():
+        while not stop.is_set():
+            for isa in ("avx2", default):
+                conv.use_vector_isa(isa)
+
+    toggler = threading.Thread(target=toggle)
+    toggler.start()
+    try:
+        for _ in range(30):
+            assert rel_err(fastconv.conv2d(x, w, padding=1, backend="cython:direct"), ref) <= 1e-5
+    finally:
+        stop.set()
+        toggler.join()
+        conv.use_vector_isa(default)
