@@ -16,6 +16,7 @@ from .params import (
     check_pool_backward,
     conv_params,
     pool_params,
+    tap_range,
 )
 
 _INPUT = "(N, C_in, H, W)"
@@ -67,8 +68,14 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     grad_input = grad_weight = grad_bias = None
     if want_input:
         w = np.ascontiguousarray(w)
-        grad_input = (np.zeros(p.input_shape, dtype) if p.batch == 0 else
-                      dispatch.run("conv2d_backward_input", p, dtype, backend, gy, w))
+        if p.batch == 0:
+            grad_input = np.zeros(p.input_shape, dtype)
+        elif np.isfinite(w.sum(dtype=np.float64)):
+            grad_input = dispatch.run("conv2d_backward_input", p, dtype, backend, gy, w)
+        else:
+            finite = np.isfinite(w)
+            grad_input = dispatch.run("conv2d_backward_input", p, dtype, backend, gy, np.where(finite, w, 0))
+            _add_non_finite_taps(grad_input, gy, w, ~finite, p)
     if want_weight:
         x = np.ascontiguousarray(x)
         grad_weight = (np.zeros(p.weight_shape, dtype) if p.batch == 0 else
@@ -77,6 +84,21 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
         # Summed in float64: N*H_out*W_out terms per channel is a long float32 sum.
         grad_bias = gy.sum(axis=(0, 2, 3), dtype=np.float64).astype(dtype)
     return grad_input, grad_weight, grad_bias
+
+
+def _add_non_finite_taps(gx, gy, w, bad, p):
+    """gx += the input gradient through the weights marked `bad` (inf or NaN) alone, each tap only over the
+    outputs whose window puts it on an input cell. The algorithms compute the input gradient with those
+    weights zeroed: several of them multiply the zero padding by the weights, which would spread the NaN
+    over the whole plane where PyTorch (and the loop definition) puts it only where the tap reaches."""
+    per_group_out, per_group_in = p.out_channels // p.groups, p.in_channels // p.groups
+    (sh, sw), (dh, dw), (top, _, left, _) = p.stride, p.dilation, p.padding
+    for co, c, kh, kw in zip(*np.nonzero(bad)):
+        ci = co // per_group_out * per_group_in + c
+        i_lo, i_hi, rows = tap_range(0, p.out_height, p.in_height, sh, top, kh * dh)
+        j_lo, j_hi, cols = tap_range(0, p.out_width, p.in_width, sw, left, kw * dw)
+        if i_hi > i_lo and j_hi > j_lo:
+            gx[:, ci, rows, cols] += gy[:, co, i_lo:i_hi, j_lo:j_hi] * w[co, c, kh, kw]
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, *,

@@ -37,6 +37,22 @@ def _output_size(size, pad_begin, pad_end, kernel, stride, dilation):
     return (size + pad_begin + pad_end - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def tap_range(out_start, out_stop, size, stride, pad, offset):
+    """Along one axis, the output positions [lo, hi) (relative to out_start) at which the tap at
+    `offset` (= kernel index * dilation) lands inside the input, and the input slice it reads there."""
+    lo = max(out_start, -((offset - pad) // stride))  # ceil((pad - offset) / stride)
+    hi = min(out_stop, (size - 1 + pad - offset) // stride + 1)
+    if hi <= lo:
+        return 0, 0, slice(0, 0)
+    first = lo * stride - pad + offset
+    return lo - out_start, hi - out_start, slice(first, first + (hi - lo - 1) * stride + 1, stride)
+
+
+def taps(kernel, size, stride, pad, dilation, out_start, out_stop):
+    """tap_range for every kernel index along one axis."""
+    return [tap_range(out_start, out_stop, size, stride, pad, k * dilation) for k in range(kernel)]
+
+
 def check_float_arrays(**arrays):
     """All arrays float32 or float64 and of one dtype; returns that dtype."""
     dtypes = {name: a.dtype for name, a in arrays.items() if a is not None}

@@ -200,3 +200,24 @@ def test_non_finite_inputs_propagate_as_in_the_oracle(conv_algorithm, value, cha
             g, r = got[op](), ref[op]()
             np.testing.assert_array_equal(np.isnan(g), np.isnan(r))
             np.testing.assert_array_equal(np.isinf(g), np.isinf(r))
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_non_finite_weight_reaches_only_what_its_tap_reaches(conv_algorithm, value, stride):
+    """A NaN or inf weight puts NaN/inf in the input gradient only at the cells its tap reaches from a
+    real output (PyTorch's and the loop definition's answer), never over the padding; forward and weight
+    gradient as the oracle too."""
+    case = dict(x_shape=(2, 4, 9, 8), w_shape=(6, 2, 3, 3), bias=True, stride=stride, padding=1, dilation=1,
+                groups=2)
+    x, w, b, gy = conv_arrays(case, np.float64)
+    w[1, 0, 0, 2] = w[4, 1, 2, 0] = value
+    algorithm, p = dispatch.get_algorithm(conv_algorithm), case_params(case)
+    got, ref = (_conv_calls(case, np.float64, name, (x, w, b, gy)) for name in (conv_algorithm, "naive"))
+    served = [op for op in CONV_OPS if algorithm.supports(op, p, np.dtype(np.float64)) is None]
+    for op in served:
+        g, r = got[op](), ref[op]()
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(r), err_msg=op)
+        np.testing.assert_array_equal(np.isinf(g), np.isinf(r), err_msg=op)
+        finite = np.isfinite(r)
+        assert rel_err(g[finite], r[finite]) <= TOLERANCE[np.float64], op

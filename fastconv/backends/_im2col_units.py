@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from ..params import taps
 from ..threads import blas_threads, get_num_threads, is_tiny, threads_for
 
 _workspace = {"limit": int(os.environ.get("FASTCONV_IM2COL_WORKSPACE_BYTES", 16 << 20))}
@@ -33,21 +34,6 @@ def set_workspace_limit(nbytes: int) -> None:
         raise ValueError(f"nbytes must be >= 1, got {nbytes}")
     _workspace["limit"] = int(nbytes)
 
-
-
-def _tap_range(out_start, out_stop, size, stride, pad, offset):
-    """Along one axis, the output positions [lo, hi) (relative to out_start) at which the tap at
-    `offset` (= kernel index * dilation) lands inside the input, and the input slice it reads there."""
-    lo = max(out_start, -((offset - pad) // stride))  # ceil((pad - offset) / stride)
-    hi = min(out_stop, (size - 1 + pad - offset) // stride + 1)
-    if hi <= lo:
-        return 0, 0, slice(0, 0)
-    first = lo * stride - pad + offset
-    return lo - out_start, hi - out_start, slice(first, first + (hi - lo - 1) * stride + 1, stride)
-
-
-def _taps(kernel, size, stride, pad, dilation, out_start, out_stop):
-    return [_tap_range(out_start, out_stop, size, stride, pad, k * dilation) for k in range(kernel)]
 
 
 def _blas_limit(p, n):
@@ -228,11 +214,11 @@ class _Unfolding:
         return [(kh, kw, kh * p.dilation[0] * self.row_width + kw * p.dilation[1])
                 for kh in range(p.kernel_height) for kw in range(p.kernel_width)]
 
-    def _strided_taps(self, rows):
+    def _stridedtaps(self, rows):
         """Every kernel tap (kh, kw) with its valid output rows and columns and the input slices they read."""
         p = self.p
-        tap_rows = _taps(p.kernel_height, p.in_height, p.stride[0], p.padding[0], p.dilation[0], rows.start, rows.stop)
-        tap_cols = _taps(p.kernel_width, p.in_width, p.stride[1], p.padding[2], p.dilation[1], 0, p.out_width)
+        tap_rows = taps(p.kernel_height, p.in_height, p.stride[0], p.padding[0], p.dilation[0], rows.start, rows.stop)
+        tap_cols = taps(p.kernel_width, p.in_width, p.stride[1], p.padding[2], p.dilation[1], 0, p.out_width)
         return [(kh, kw, tap_rows[kh], tap_cols[kw]) for kh in range(p.kernel_height) for kw in range(p.kernel_width)]
 
     def _padded_band(self, x, images, rows):
@@ -321,7 +307,7 @@ class _Unfolding:
                 cols[:, kh, kw].reshape(flat.shape[0], flat.shape[1], run)[...] = flat[:, :, offset:offset + run]
             return cols
         src = x[images].transpose(1, 0, 2, 3)  # (c, n, H, W)
-        for kh, kw, (i_lo, i_hi, in_rows), (j_lo, j_hi, in_cols) in self._strided_taps(rows):
+        for kh, kw, (i_lo, i_hi, in_rows), (j_lo, j_hi, in_cols) in self._stridedtaps(rows):
             dst = cols[:, kh, kw]
             dst[:, :, :i_lo] = 0  # taps that fall in padding read zeros
             dst[:, :, i_hi:] = 0
@@ -343,5 +329,5 @@ class _Unfolding:
             gx[images, :, start:stop] += band[:, :, at:at + stop - start, p.padding[2]:p.padding[2] + p.in_width]
             return
         dst = gx[images].transpose(1, 0, 2, 3)
-        for kh, kw, (i_lo, i_hi, in_rows), (j_lo, j_hi, in_cols) in self._strided_taps(rows):
+        for kh, kw, (i_lo, i_hi, in_rows), (j_lo, j_hi, in_cols) in self._stridedtaps(rows):
             dst[:, :, in_rows, in_cols] += dcols[:, kh, kw, :, i_lo:i_hi, j_lo:j_hi]

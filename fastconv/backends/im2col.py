@@ -27,9 +27,9 @@ in _im2col_units.py.
 import numpy as np
 
 from ..ops import POOL_OPS, Algorithm
-from ..params import index_out_of_plane
+from ..params import index_out_of_plane, taps
 from ..threads import get_num_threads
-from ._im2col_units import _for_each_unit, _InOrder, _taps, _workspace
+from ._im2col_units import _for_each_unit, _InOrder, _workspace
 from ._im2col_units import set_workspace_limit as set_workspace_limit  # the cap, public here
 
 
@@ -214,8 +214,8 @@ def max_pool2d_forward(x, p):
     where it is greater or NaN (first max wins a tie, last NaN wins). Taps in padding are skipped, and
     each window's first in-bounds cell sets the initial value and index."""
     shape = p.output_shape
-    rows = _taps(p.kernel_height, p.in_height, p.stride[0], p.padding[0], p.dilation[0], 0, p.out_height)
-    cols = _taps(p.kernel_width, p.in_width, p.stride[1], p.padding[1], p.dilation[1], 0, p.out_width)
+    rows = taps(p.kernel_height, p.in_height, p.stride[0], p.padding[0], p.dilation[0], 0, p.out_height)
+    cols = taps(p.kernel_width, p.in_width, p.stride[1], p.padding[1], p.dilation[1], 0, p.out_width)
     best = np.full(shape, np.nan, x.dtype)  # every cell is overwritten by its window's first in-bounds tap
     indices = np.full(shape, -1, np.int64)
     mask = np.empty(shape, bool)
