@@ -7,6 +7,7 @@ other's scopes. Backends read `get_num_threads()` on every call and apply it the
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import sys
 import threading
@@ -81,33 +82,75 @@ def threads_for(work: int) -> int:
     return 1 if is_tiny(work) else get_num_threads()
 
 
-_blas = {"libraries": None, "modules": 0}
+_blas = {"libraries": None, "modules": 0, "setters": ()}
 _blas_lock = threading.Lock()
+_pinned = {"count": 0, "saved": None}
+_pin_lock = threading.Lock()
 
 
-def _blas_libraries():
-    """threadpoolctl's controllers of every BLAS loaded in the process (NumPy and SciPy ship separate
-    OpenBLAS copies). Scanning the process costs more than a small convolution, so it is redone only when
-    modules were imported since (one of them may have loaded another BLAS)."""
+def _setter(lib):
+    """A function that sets the library's (global) limit from any thread and returns the previous one.
+    OpenBLAS's openblas_set_num_threads (what threadpoolctl calls) is silently ignored when called from a
+    thread other than the one that started OpenBLAS's pool; openblas_set_num_threads_local (OpenBLAS
+    >= 0.3.27) is not."""
+    if lib.internal_api == "openblas":
+        from_any_thread = getattr(lib.dynlib, "openblas_set_num_threads_local", None)
+        if from_any_thread is not None:
+            from_any_thread.restype, from_any_thread.argtypes = ctypes.c_int, [ctypes.c_int]
+            return from_any_thread
+
+    def through_threadpoolctl(n):
+        previous = lib.get_num_threads()
+        lib.set_num_threads(n)
+        return previous
+
+    return through_threadpoolctl
+
+
+def _blas_setters():
+    """A setter (see _setter) for every BLAS loaded in the process (NumPy and SciPy ship separate OpenBLAS
+    copies). Scanning the process costs more than a small convolution, so it is redone only when modules
+    were imported since (one of them may have loaded another BLAS)."""
     if _blas["modules"] != len(sys.modules):
         with _blas_lock:
             from threadpoolctl import ThreadpoolController
 
-            _blas["libraries"] = ThreadpoolController().select(user_api="blas").lib_controllers
-            _blas["modules"] = len(sys.modules)
-    return _blas["libraries"]
+            libraries = ThreadpoolController().select(user_api="blas").lib_controllers
+            _blas["setters"] = tuple(_setter(lib) for lib in libraries)
+            _blas["libraries"], _blas["modules"] = libraries, len(sys.modules)
+    return _blas["setters"]
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """Every loaded BLAS at one thread inside the block: inside fastconv's own parallel regions, so that BLAS
+    adds no threads of its own and blocks its GEMMs the same way whatever thread calls. The limits are
+    global, so the pinning is counted: the first block to enter saves the user's limits and sets 1, the last
+    to leave restores them, whichever Python threads they run on and however they overlap."""
+    with _pin_lock:
+        if _pinned["count"] == 0:
+            setters = _blas_setters()
+            _pinned["saved"] = [(setter, setter(1)) for setter in setters]
+        _pinned["count"] += 1
+    try:
+        yield
+    finally:
+        with _pin_lock:
+            _pinned["count"] -= 1
+            if _pinned["count"] == 0:
+                for setter, previous in _pinned["saved"]:
+                    setter(previous)
 
 
 @contextlib.contextmanager
 def blas_threads(n: int):
-    """Limit every loaded BLAS to n threads inside the block (e.g. 1 inside our own parallel regions),
-    restoring each library's previous limit afterwards, so the user's own BLAS calls are not affected."""
-    libraries = _blas_libraries()
-    previous = [lib.get_num_threads() for lib in libraries]
-    for lib in libraries:
-        lib.set_num_threads(n)
+    """Every loaded BLAS at n threads inside the block (the report's GEMM reference), the previous limits
+    restored afterwards; not for use beside fastconv's own calls (single_threaded_blas)."""
+    with _pin_lock:
+        saved = [(setter, setter(n)) for setter in _blas_setters()]
     try:
         yield
     finally:
-        for lib, count in zip(libraries, previous):
-            lib.set_num_threads(count)
+        with _pin_lock:
+            for setter, previous in saved:
+                setter(previous)

@@ -20,7 +20,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ..params import taps
-from ..threads import blas_threads, get_num_threads, is_tiny, threads_for
+from ..threads import is_tiny, single_threaded_blas, threads_for
 
 _workspace = {"limit": int(os.environ.get("FASTCONV_IM2COL_WORKSPACE_BYTES", 16 << 20))}
 _executor = {"pool": None}
@@ -34,12 +34,6 @@ def set_workspace_limit(nbytes: int) -> None:
         raise ValueError(f"nbytes must be >= 1, got {nbytes}")
     _workspace["limit"] = int(nbytes)
 
-
-
-def _blas_limit(p, n):
-    """BLAS limited to n threads for a serial unit loop; tiny problems leave BLAS alone
-    (OpenBLAS runs GEMMs that small on one thread anyway, and the limit costs microseconds)."""
-    return contextlib.nullcontext() if is_tiny(p.work) else blas_threads(n)
 
 
 def _row_width(p):
@@ -91,7 +85,7 @@ def _for_each_unit(p, dtype, work, row_shifted=False, folds=False, workspace=Tru
 
     if workers == 1 or len(groups) == 1:
         unfolding = new_unfolding()
-        with _blas_limit(p, get_num_threads()):
+        with contextlib.nullcontext() if is_tiny(p.work) else single_threaded_blas():
             for group in numbered:
                 for index, unit in group:
                     work(unfolding, index, unit)
@@ -100,14 +94,7 @@ def _for_each_unit(p, dtype, work, row_shifted=False, folds=False, workspace=Tru
 
     def worker():
         try:
-            unfolding = new_unfolding()
-            while not errors:
-                with lock:
-                    group = next(claim, None)
-                if group is None:
-                    return
-                for index, unit in group:
-                    work(unfolding, index, unit)
+            work_through()
         except _Abandoned:
             return
         except BaseException as error:
@@ -116,11 +103,21 @@ def _for_each_unit(p, dtype, work, row_shifted=False, folds=False, workspace=Tru
             if reduction is not None:
                 reduction.abandon()
 
+    def work_through():
+        unfolding = new_unfolding()
+        while not errors:
+            with lock:
+                group = next(claim, None)
+            if group is None:
+                return
+            for index, unit in group:
+                work(unfolding, index, unit)
+
     with _executor_lock:
         if _executor["pool"] is None:
             _executor["pool"] = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
                                                    thread_name_prefix="fastconv-im2col")
-    with blas_threads(1):
+    with single_threaded_blas():
         # The calling thread is one of the workers: a thread asleep takes long to wake in a virtual machine.
         helpers = [_executor["pool"].submit(worker) for _ in range(min(workers, len(groups)) - 1)]
         worker()

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..ops import POOL_OPS, Algorithm
 from ..params import index_out_of_plane
-from ..threads import blas_threads, is_tiny, threads_for
+from ..threads import is_tiny, single_threaded_blas, threads_for
 
 try:
     from . import _conv_direct, _conv_gemm, _pool
@@ -38,7 +38,7 @@ def _convolve(kernel, p, *arrays):
     if is_tiny(p.work):  # no parallel region, and GEMMs below OpenBLAS's own threading threshold
         kernel(*arrays, p, 1)
         return
-    with blas_threads(1):
+    with single_threaded_blas():
         kernel(*arrays, p, threads_for(p.work))
 
 
