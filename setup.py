@@ -4,7 +4,8 @@ The extensions are optional (Extension(optional=True)): without a compiler the i
 and the backends that need them report themselves unavailable, with the reason. OpenMP is used when a
 test program compiles and links with -fopenmp; otherwise the same sources build serially (kernels/
 openmp_shim.pxd). `-O3`, never `-ffast-math` (pooling must see NaN); FASTCONV_MARCH_NATIVE=1 adds
-`-march=native` (a build for this machine only).
+`-march=native` (a build for this machine only); FASTCONV_SANITIZE=1 builds with AddressSanitizer and
+UndefinedBehaviorSanitizer (see the README for the run).
 """
 import os
 import tempfile
@@ -48,10 +49,14 @@ def _extensions():
 
     headers = [str(h.relative_to(HERE)) for h in sorted(HERE.glob("kernels/*.h")) + sorted(HERE.glob("kernels/*.pxd"))]
     flags = ["-O3"] + (["-march=native"] if os.environ.get("FASTCONV_MARCH_NATIVE") == "1" else [])
+    link = []
+    if os.environ.get("FASTCONV_SANITIZE") == "1":  # a checking build: run it with libasan preloaded
+        flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+        link = ["-fsanitize=address,undefined"]
     modules = [
         Extension(f"fastconv.backends._{src.stem}", [str(src.relative_to(HERE))],
                   include_dirs=[numpy.get_include(), "kernels"], depends=headers,
-                  extra_compile_args=list(flags), optional=True)
+                  extra_compile_args=list(flags), extra_link_args=list(link), optional=True)
         for src in sources
     ]
     return cythonize(modules, language_level=3, include_path=[str(HERE / "kernels")])
