@@ -23,6 +23,14 @@ _INPUT = "(N, C_in, H, W)"
 _WEIGHT = "(C_out, C_in/groups, KH, KW)"
 
 
+def _for_kernels(a, dtype=None):
+    """`a` C-contiguous and aligned, copied only where it is not: the compiled kernels load whole elements
+    (an array one byte off alignment is valid NumPy, but a misaligned load in C is undefined)."""
+    if dtype is None and a.flags.c_contiguous and a.flags.aligned:
+        return a
+    return np.require(a, dtype, ("C_CONTIGUOUS", "ALIGNED"))
+
+
 def _hashable(arg):
     """Lists and arrays given as stride/padding/... become tuples, so normalized params can be cached."""
     return tuple(np.asarray(arg).tolist()) if isinstance(arg, (list, np.ndarray)) else arg
@@ -44,8 +52,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
         raise ValueError(f"bias must have shape ({p.out_channels},) for weight {w.shape}, got {b.shape}")
     if p.batch == 0:
         return np.zeros(p.output_shape, dtype)
-    x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
-    b = None if b is None else np.ascontiguousarray(b)
+    x, w = _for_kernels(x), _for_kernels(w)
+    b = None if b is None else _for_kernels(b)
     return dispatch.run("conv2d_forward", p, dtype, backend, x, w, b)
 
 
@@ -64,10 +72,10 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
         want_input, want_weight, want_bias = (bool(m) for m in output_mask)
     except (TypeError, ValueError):
         raise TypeError(f"output_mask must be three bools, got {output_mask!r}") from None
-    gy = np.ascontiguousarray(gy)
+    gy = _for_kernels(gy)
     grad_input = grad_weight = grad_bias = None
     if want_input:
-        w = np.ascontiguousarray(w)
+        w = _for_kernels(w)
         if p.batch == 0:
             grad_input = np.zeros(p.input_shape, dtype)
         elif np.isfinite(w.sum(dtype=np.float64)):
@@ -77,7 +85,7 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
             grad_input = dispatch.run("conv2d_backward_input", p, dtype, backend, gy, np.where(finite, w, 0))
             _add_non_finite_taps(grad_input, gy, w, ~finite, p)
     if want_weight:
-        x = np.ascontiguousarray(x)
+        x = _for_kernels(x)
         grad_weight = (np.zeros(p.weight_shape, dtype) if p.batch == 0 else
                        dispatch.run("conv2d_backward_weight", p, dtype, backend, gy, x))
     if want_bias:
@@ -113,7 +121,7 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     if p.batch == 0:
         y, indices = np.zeros(p.output_shape, dtype), np.zeros(p.output_shape, np.int64)
     else:
-        x = np.ascontiguousarray(x)
+        x = _for_kernels(x)
         y, indices = dispatch.run("max_pool2d_forward", p, dtype, backend, x)
     return (y, indices) if return_indices else y
 
@@ -125,7 +133,7 @@ def max_pool2d_backward(grad_output, indices, input_shape, *, backend=None):
     p = check_pool_backward(gy, idx, input_shape)
     if p.batch == 0:
         return np.zeros(p.input_shape, gy.dtype)
-    gy, idx = np.ascontiguousarray(gy), np.ascontiguousarray(idx, dtype=np.int64)
+    gy, idx = _for_kernels(gy), _for_kernels(idx, np.int64)
     return dispatch.run("max_pool2d_backward", p, gy.dtype, backend, gy, idx)
 
 
@@ -141,7 +149,7 @@ def _array(value, dtype, rng):
     """An argument of explain(): an array, or a shape (a tuple of ints) to fill with normal values."""
     if isinstance(value, tuple) and all(isinstance(n, int) for n in value):
         return rng.standard_normal(value).astype(dtype)
-    return np.ascontiguousarray(value)
+    return _for_kernels(np.asarray(value))
 
 
 def explain(op, *args, backend=None, dtype=None, **kwargs) -> dispatch.Choice:

@@ -64,10 +64,13 @@ def _views(a):
     flipped = np.ascontiguousarray(a[..., ::-1])[..., ::-1]
     readonly = a.copy()
     readonly.setflags(write=False)
-    return {"sliced": wide[..., ::2], "fortran": np.asfortranarray(a), "negative": flipped, "readonly": readonly}
+    misaligned = np.zeros(a.nbytes + 1, np.uint8)[1:].view(a.dtype).reshape(a.shape)  # one byte off
+    misaligned[...] = a
+    return {"sliced": wide[..., ::2], "fortran": np.asfortranarray(a), "negative": flipped, "readonly": readonly,
+            "misaligned": misaligned}
 
 
-@pytest.mark.parametrize("view", ["sliced", "fortran", "negative", "readonly"])
+@pytest.mark.parametrize("view", ["sliced", "fortran", "negative", "readonly", "misaligned"])
 def test_views_give_contiguous_results(backend, view):
     case = dict(x_shape=(2, 4, 7, 6), w_shape=(6, 2, 3, 2), bias=True, stride=(2, 1), padding=1, dilation=1,
                 groups=2)
