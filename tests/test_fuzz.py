@@ -7,7 +7,7 @@ import fastconv.fuzz
 
 def test_the_fuzz_finds_nothing_on_a_fixed_budget():
     out = io.StringIO()
-    failures = fastconv.fuzz.run(60, seed=1000, out=out)
+    failures = fastconv.fuzz.run(300, seed=1000, out=out)
     assert failures == [], out.getvalue()
     report = out.getvalue()
     assert "cython:direct" in report and "0 failures" in report
