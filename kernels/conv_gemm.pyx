@@ -291,7 +291,8 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, cons
     cdef Conv c = geometry(p)
     cdef const floating* bias_ptr = bias_pointer(bias)
     cdef Plan plan = make_plan(&c, sizeof(floating))
-    cdef floating[:, ::1] workspace = np.empty((threads, (c.k + c.group_out) * plan.columns), np.asarray(y).dtype)
+    cdef floating[:, ::1] workspace = np.empty((threads, (c.k + c.group_out) * <Py_ssize_t>plan.columns),
+                                               np.asarray(y).dtype)
     cdef floating* col
     cdef int t
     for t in prange(plan.blocks, nogil=True, schedule="dynamic", num_threads=threads):
@@ -309,7 +310,7 @@ def backward_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1]
     cdef int first, last, t
     for t in range(plan.blocks):  # an input band's output rows reach beyond its own band (the kernel's halo)
         plan.columns = max(plan.columns, input_band(&c, &plan, t, &first, &last).rows * c.out_w * plan.images)
-    cdef floating[:, ::1] workspace = np.empty((threads, (c.k + c.group_out) * plan.columns),
+    cdef floating[:, ::1] workspace = np.empty((threads, (c.k + c.group_out) * <Py_ssize_t>plan.columns),
                                                np.asarray(gx).dtype)
     cdef floating* col
     for t in prange(plan.blocks, nogil=True, schedule="dynamic", num_threads=threads):
@@ -328,7 +329,8 @@ def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1
     cdef int chunks = min(plan.blocks, WEIGHT_PARTIALS), chunk
     dtype = np.asarray(gw).dtype
     cdef floating[:, ::1] partials = np.empty((chunks, <Py_ssize_t>c.out_channels * c.k), dtype)
-    cdef floating[:, ::1] workspace = np.empty((threads, (c.k + c.group_out) * plan.columns), dtype)
+    cdef floating[:, ::1] workspace = np.empty((threads, (c.k + c.group_out) * <Py_ssize_t>plan.columns),
+                                               dtype)
     cdef floating* col
     for chunk in prange(chunks, nogil=True, schedule="dynamic", num_threads=threads):
         col = &workspace[omp_get_thread_num(), 0]
