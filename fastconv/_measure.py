@@ -106,6 +106,13 @@ def time_call(fn, budget=0.3, min_repeats=3, max_repeats=100):
     return outcome
 
 
+def rel_err(got, ref):
+    """||got - ref|| / ||ref|| in float64."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    scale = np.linalg.norm(ref)
+    return float(np.linalg.norm(got - ref) / (scale if scale > 0 else 1.0))
+
+
 GEMM_SIZE = 2048
 
 

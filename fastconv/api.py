@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import dispatch
-from .ops import CONV_OPS, OPS
+from .ops import CONV_OPS
 from .params import (
     PoolBackwardParams,
     check_4d,
@@ -161,8 +161,7 @@ def explain(op, *args, backend=None, dtype=None, **kwargs) -> dispatch.Choice:
     given). Where the choice is not made yet and `auto` measures, it is measured now, on normal values of
     those shapes, and remembered as a call's would be.
     """
-    if op not in OPS:
-        raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+    dispatch.check_op(op)
     requested = dispatch.get_backend() if backend is None else dispatch.check_name(backend)
     rng = np.random.default_rng(0)
     dtype = np.dtype(dtype or np.float32)

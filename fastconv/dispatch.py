@@ -85,7 +85,7 @@ def available_backends() -> tuple:
     return tuple(name for name, error in backend_status().items() if error is None)
 
 
-def _check_op(op):
+def check_op(op):
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
 
@@ -94,7 +94,7 @@ def algorithms(op: str | None = None) -> tuple:
     """The 'backend:algorithm' names usable on this machine: all of them, or those that implement `op`
     (one of fastconv.ops.OPS)."""
     if op is not None:
-        _check_op(op)
+        check_op(op)
     return tuple(name for backend in available_backends() for name, algorithm in _probe(backend).algorithms.items()
                  if op is None or op in algorithm.ops)
 

@@ -19,7 +19,7 @@ import numpy as np
 import fastconv
 
 from .. import _sysinfo, autotune, dispatch, suite
-from .._measure import GEMM_SIZE, copy_bandwidth, gemm_call, gemm_rate, time_calls
+from .._measure import GEMM_SIZE, copy_bandwidth, gemm_call, gemm_rate, rel_err, time_calls
 
 # Freed buffers go back to the heap and are reused, instead of fresh pages faulted in on every large
 # allocation: the kernels are measured, not the allocator. glibc reads this at start-up.
@@ -54,14 +54,6 @@ def _import_torch():
     import torch
 
     return torch
-
-
-def rel_err(got, ref):
-    """||got - ref|| / ||ref|| in float64."""
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    scale = np.linalg.norm(ref)
-    return float(np.linalg.norm(got - ref) / (scale if scale > 0 else 1.0))
-
 
 
 def _reference(case, op, inputs, torch):
