@@ -2,6 +2,7 @@
 (GEMM rate, copy bandwidth) that its figures are compared with."""
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +25,7 @@ def time_calls(calls, budget=0.3, min_repeats=3, max_repeats=100, burst=1):
     """Time several no-argument functions (a dict name -> function) after one warm-up call each. They take
     turns, `burst` calls each per round, so that a change of load on a shared machine hits all of them alike
     (with burst > 1 most calls find the threads of the previous call awake, as in a loop of the same call),
-    each round starting with the next one: a call pays for what the one before it left behind (threads
-    spinning, caches flushed), and no function always follows the same one.
+    in a new order each round (_round_order).
     Each is repeated until it has spent `budget` seconds in at least `min_repeats` calls (a call slower than
     budget / min_repeats stops at 4 x budget instead), or made `max_repeats` calls.
     Returns {name: (Timing, the warm-up call's result)}, or the exception a function raised in its place."""
@@ -38,18 +38,24 @@ def time_calls(calls, budget=0.3, min_repeats=3, max_repeats=100, burst=1):
             results[name] = error
             continue
         first_calls[name], times[name] = time.perf_counter() - start, []
-    running, rounds = list(times), 0
+    running, order = list(times), _round_order()
     while running:
-        for k in range(len(running)):  # each round starts with the next one: none always follows the same one
-            name = running[(rounds + k) % len(running)]
+        for name in order(running):
             for _ in range(burst):
                 start = time.perf_counter()
                 calls[name]()
                 times[name].append(time.perf_counter() - start)
         running = [name for name in running if not _done(times[name], budget, min_repeats, max_repeats)]
-        rounds += 1
     return {name: (Timing(statistics.median(times[name]), min(times[name]), len(times[name]), first_calls[name]),
                    results[name]) if name in times else results[name] for name in calls}
+
+
+def _round_order(seed=0):
+    """A function giving each round's order of the names left: a call pays for what the one before it left
+    behind (another library's threads still spinning, caches flushed), so each round is shuffled anew and no
+    function follows the same one more often than another. Seeded: a run's order is reproducible."""
+    rng = random.Random(seed)
+    return lambda names: rng.sample(names, len(names))
 
 
 def _done(times, budget, min_repeats, max_repeats):
@@ -59,7 +65,7 @@ def _done(times, budget, min_repeats, max_repeats):
 
 def race(calls, cap=1.0, min_rounds=3, max_rounds=200, margin=1.25, tie=0.03):
     """Which of several no-argument functions (a dict name -> function) is fastest: each is called once to
-    warm up (not timed), then all take turns in rounds, each round starting with the next one, so that a
+    warm up (not timed), then all take turns in rounds, in a new order each round (_round_order), so that a
     change of load hits all of them alike. After min_rounds, a function whose fastest call is slower than
     `margin` x the median of the leader is dropped. The race ends when one is left, when those left are
     within `tie` of each other after 2 x min_rounds and a quarter of `cap` (short calls look tied by chance
@@ -77,10 +83,9 @@ def race(calls, cap=1.0, min_rounds=3, max_rounds=200, margin=1.25, tie=0.03):
         times[name] = []
     if not times:
         raise next(iter(errors.values()))
-    left, spent, rounds = list(times), 0.0, 0
+    left, spent, rounds, order = list(times), 0.0, 0, _round_order()
     while True:
-        for k in range(len(left)):
-            name = left[(rounds + k) % len(left)]
+        for name in order(left):
             start = time.perf_counter()
             calls[name]()
             elapsed = time.perf_counter() - start

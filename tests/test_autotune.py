@@ -111,6 +111,22 @@ def test_a_race_drops_clear_losers_early():
     assert calls["slow"] <= 4  # the warm-up and three rounds, not ten seconds of them
 
 
+def test_no_candidate_always_follows_the_same_one():
+    # A call pays for what the one before it left behind (threads spinning): an order that puts b after a in
+    # almost every round would charge b for a's threads.
+    from fastconv._measure import time_calls
+
+    sequence = []
+    calls = {name: (lambda name=name: sequence.append(name)) for name in "abcd"}
+    autotune.race(calls, cap=10, min_rounds=3, max_rounds=40, tie=-1)
+    time_calls(calls, budget=1, min_repeats=1, max_repeats=40)
+    for timed in (sequence[4:164], sequence[168:]):  # the warm-up calls left out
+        predecessors = {}
+        for before, name in zip(timed, timed[1:]):
+            predecessors.setdefault(name, set()).add(before)
+        assert all(len(p - {name}) == 3 for name, p in predecessors.items()), predecessors
+
+
 def test_a_failing_candidate_is_left_out():
     def broken():
         raise RuntimeError("no")
