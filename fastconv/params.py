@@ -124,14 +124,14 @@ class ConvParams:
         """Multiply-adds: what decides whether a call is worth threads (threads.threads_for) or a measurement."""
         return self.flops // 2
 
-    def input_gradient_as_forward(self):
+    def input_gradient_as_forward(self, allow_cropping=False):
         """For stride 1, the input gradient is a forward convolution of grad_output with the weight flipped
         and its channel axes swapped per group, padded by the kernel span less the original padding.
         Returns that convolution's params, or None when it does not exist (stride > 1, or padding larger
-        than the kernel span, which would need negative padding)."""
+        than the kernel span, which needs negative padding: a cropped grad_output, allowed on request)."""
         spans = (self.dilation[0] * (self.kernel_height - 1),) * 2 + (self.dilation[1] * (self.kernel_width - 1),) * 2
         padding = tuple(span - pad for span, pad in zip(spans, self.padding))
-        if self.stride != (1, 1) or min(padding) < 0:
+        if self.stride != (1, 1) or (min(padding) < 0 and not allow_cropping):
             return None
         return replace(
             self, in_channels=self.out_channels, in_height=self.out_height, in_width=self.out_width,

@@ -3,8 +3,9 @@
 Algorithms: `direct` (stride-1 convolutions, with AVX-512 or AVX2 register tiles picked from the CPU at run
 time), `gemm` (any convolution: im2col of a block of work, a few images or a band of rows of one image, into a
 per-thread buffer, then single-threaded BLAS GEMMs from scipy.linalg.cython_blas; blocks in parallel under
-OpenMP) and `pool` (max-pooling, parallel over the N*C planes). Results are bitwise identical with any
-thread count.
+OpenMP), `winograd` and `winograd2` (3x3 stride-1 convolutions by Winograd's F(4x4, 3x3) and F(2x2, 3x3), on
+the project's own AVX-512 or AVX2 micro-kernels) and `pool` (max-pooling, parallel over the N*C planes).
+Results are bitwise identical with any thread count.
 
 BLAS is kept single-threaded inside the parallel regions: a convolution call limits every loaded BLAS
 (NumPy's and SciPy's OpenBLAS alike) to one thread and restores the previous limits when it returns.
@@ -18,7 +19,7 @@ from ..params import index_out_of_plane
 from ..threads import is_tiny, single_threaded_blas, threads_for
 
 try:
-    from . import _conv_direct, _conv_gemm, _pool
+    from . import _conv_direct, _conv_gemm, _conv_winograd, _pool
 except ImportError as error:
     raise ImportError(
         f"the compiled Cython kernels are not built ({error}); build them with `pip install -e .` "
@@ -29,7 +30,8 @@ except ImportError as error:
 def describe():
     openmp = (f"OpenMP on ({_conv_gemm.openmp_max_threads()} threads max)" if _conv_gemm.OPENMP
               else "OpenMP off (serial build)")
-    return f"{openmp}, direct tiles {_conv_direct.vector_isa()}, BLAS scipy.linalg.cython_blas"
+    return (f"{openmp}, direct tiles {_conv_direct.vector_isa()}, Winograd micro-kernels "
+            f"{_conv_winograd.vector_isa()}, BLAS scipy.linalg.cython_blas")
 
 
 def _convolve(kernel, p, *arrays):
@@ -107,9 +109,45 @@ def _convolutions(kernels):
             "conv2d_backward_weight": _filling(kernels.backward_weight, "weight_shape")}
 
 
+def _winograd_applicable(op, p, dtype):
+    reason = _indexable(op, p, dtype)
+    if reason is not None:
+        return reason
+    if _conv_winograd.vector_isa() == "none":
+        return "needs AVX2 or AVX-512, which this CPU lacks"
+    if (p.kernel_height, p.kernel_width, p.stride, p.dilation) != (3, 3, (1, 1), (1, 1)):
+        return "3x3 kernels, stride 1, dilation 1 only"
+    if p.groups > 1 and p.in_channels == p.groups:
+        return "not depthwise: one channel per group leaves no product over channels to save multiplications on"
+    return None
+
+
+def _winograd(m):
+    """The three convolution ops of Winograd F(m x m, 3 x 3). Where a value is not finite (a transform spreads
+    one inf or NaN over a whole tile), the call gives the direct algorithm's result instead (the GEMM's where
+    the direct one does not serve), as PyTorch would."""
+    def op(name, kernel, shape):
+        def run(*arrays_and_params):
+            *arrays, p = arrays_and_params
+            out = np.empty(getattr(p, shape), arrays[0].dtype)
+            if kernel(*arrays, out, p, m, threads_for(p.work)):
+                return out
+            exact = "direct" if _direct_applicable(name, p, out.dtype) is None else "gemm"
+            return _EXACT[exact][name](*arrays, p)
+        return run
+
+    return {"conv2d_forward": op("conv2d_forward", _conv_winograd.forward, "output_shape"),
+            "conv2d_backward_input": op("conv2d_backward_input", _conv_winograd.backward_input, "input_shape"),
+            "conv2d_backward_weight": op("conv2d_backward_weight", _conv_winograd.backward_weight, "weight_shape")}
+
+
+_EXACT = {"direct": _convolutions(_conv_direct), "gemm": _convolutions(_conv_gemm)}
+
 ALGORITHMS = (
-    Algorithm("direct", _convolutions(_conv_direct), _direct_applicable),
-    Algorithm("gemm", _convolutions(_conv_gemm), _indexable),
+    Algorithm("direct", _EXACT["direct"], _direct_applicable),
+    Algorithm("gemm", _EXACT["gemm"], _indexable),
+    Algorithm("winograd", _winograd(4), _winograd_applicable),
+    Algorithm("winograd2", _winograd(2), _winograd_applicable),
     Algorithm("pool", {"max_pool2d_forward": max_pool2d_forward, "max_pool2d_backward": max_pool2d_backward},
               _indexable),
 )

@@ -1,0 +1,39 @@
+/* One micro-kernel of micro_gemm.h, included once per (type, instruction set) with MT_NAME, MT_T (float or
+ * double), MT_LANES (elements per vector), MT_MR, MT_NV and MT_TARGET defined. Written with GCC's vector
+ * extensions: `acc += a * b` compiles to one FMA per vector (GNU C contracts a * b + c by default). */
+typedef MT_T MICRO_PASTE(MT_NAME, _vec) __attribute__((vector_size(MT_LANES * sizeof(MT_T))));
+
+__attribute__((target(MT_TARGET)))
+static void MT_NAME(int depth, const MT_T *a, ptrdiff_t a_row, ptrdiff_t a_step, const MT_T *b, ptrdiff_t b_step,
+                    MT_T *c, ptrdiff_t c_row, int accumulate)
+{
+    typedef MICRO_PASTE(MT_NAME, _vec) vec;
+    vec acc[MT_MR][MT_NV];
+    _Pragma("GCC unroll 8") for (int i = 0; i < MT_MR; i++)
+        _Pragma("GCC unroll 4") for (int v = 0; v < MT_NV; v++) acc[i][v] = (vec){0};
+    for (int kk = 0; kk < depth; kk++, a += a_step, b += b_step) {
+        vec row[MT_NV];
+        _Pragma("GCC unroll 4") for (int v = 0; v < MT_NV; v++) memcpy(&row[v], b + v * MT_LANES, sizeof(vec));
+        _Pragma("GCC unroll 8") for (int i = 0; i < MT_MR; i++) {
+            MT_T weight = a[i * a_row];
+            _Pragma("GCC unroll 4") for (int v = 0; v < MT_NV; v++) acc[i][v] += row[v] * weight;
+        }
+    }
+    _Pragma("GCC unroll 8") for (int i = 0; i < MT_MR; i++)
+        _Pragma("GCC unroll 4") for (int v = 0; v < MT_NV; v++) {
+            MT_T *dst = c + i * c_row + v * MT_LANES;
+            if (accumulate) {
+                vec old;
+                memcpy(&old, dst, sizeof(vec));
+                acc[i][v] += old;
+            }
+            memcpy(dst, &acc[i][v], sizeof(vec));
+        }
+}
+
+#undef MT_NAME
+#undef MT_T
+#undef MT_LANES
+#undef MT_MR
+#undef MT_NV
+#undef MT_TARGET

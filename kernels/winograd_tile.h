@@ -1,0 +1,379 @@
+/* The per-block work of winograd.h, included once per (type, instruction set) with WT_SUFFIX, WT_T (float or
+ * double), WT_LANES (elements per vector), WT_MICRO (its micro-kernel of micro_gemm.h) and WT_TARGET defined.
+ *
+ * A block is `block` consecutive tiles of one group (the last block of a call may have fewer), whose work
+ * buffer holds, for a forward:
+ *     V[p][c][t]  the transformed input tiles, point by point (p < alpha^2), tiles contiguous;
+ *     M[p][k][t]  their products with the transformed weights U[p][k / MR][c][k % MR];
+ * and for a weight gradient:
+ *     V[p][t][c]  the transformed input tiles, channels contiguous (c < c_pad);
+ *     D[p][k][t]  the gradient's tiles transformed by A dY A^T (k < k_pad: rows past out_channels stay zero).
+ * Transforms are vectorised over WT_LANES tiles (or channels): each tile is first gathered, with the zeros of
+ * the padding, into a small scratch buffer S, so edge tiles need no padded copy of the input. Every value a
+ * transform writes is checked (x * 0 is NaN for an inf or a NaN), and a call says when one was not finite.
+ * WT_MICRO names the micro-kernels (WT_MICRO_1 .. _3 by vectors per row) and WT_MR their rows. */
+#define WT_NAME(name) MICRO_PASTE(MICRO_PASTE(name, _), WT_SUFFIX)
+typedef WT_T WT_NAME(wino_vec) __attribute__((vector_size(WT_LANES * sizeof(WT_T))));
+
+#define WT_ALWAYS __attribute__((target(WT_TARGET), always_inline)) static inline
+
+/* S[i][j][l] = the input at row r0 + i, column c0 + j of `plane` (zero outside it), for lane l. */
+WT_ALWAYS void WT_NAME(gather_input)(const WT_T *plane, int height, int width, int r0, int c0, int alpha, int l,
+                                     WT_T *S)
+{
+    if (r0 >= 0 && c0 >= 0 && r0 + alpha <= height && c0 + alpha <= width) {
+        const WT_T *src = plane + (ptrdiff_t)r0 * width + c0;
+        for (int i = 0; i < alpha; i++)
+            for (int j = 0; j < alpha; j++) S[(i * alpha + j) * WT_LANES + l] = src[(ptrdiff_t)i * width + j];
+        return;
+    }
+    for (int i = 0; i < alpha; i++)
+        for (int j = 0; j < alpha; j++) {
+            int r = r0 + i, c = c0 + j;
+            S[(i * alpha + j) * WT_LANES + l] =
+                r >= 0 && r < height && c >= 0 && c < width ? plane[(ptrdiff_t)r * width + c] : 0;
+        }
+}
+
+WT_ALWAYS void WT_NAME(zero_lane)(int cells, int l, WT_T *S)
+{
+    for (int q = 0; q < cells; q++) S[q * WT_LANES + l] = 0;
+}
+
+/* out = sum over k of coef[k] * in[k], the zero coefficients skipped (the coefficients are constants). */
+#define WT_COMBINE(out, n, coef, in)                                                      \
+    do {                                                                                  \
+        int started_ = 0;                                                                 \
+        _Pragma("GCC unroll 8") for (int k_ = 0; k_ < (n); k_++) {                        \
+            double c_ = (coef);                                                           \
+            if (c_ == 0) continue;                                                        \
+            vec term_ = (in) * (__typeof__((in)[0]))c_;                                   \
+            (out) = started_ ? (out) + term_ : term_;                                     \
+            started_ = 1;                                                                 \
+        }                                                                                 \
+        if (!started_) (out) = (vec){0};                                                  \
+    } while (0)
+
+/* V[(i * alpha + j) * point_stride] = (B^T d B)[i][j] for the alpha x alpha vectors d of S. Returns a vector
+ * that is NaN in a lane where a value was not finite. */
+WT_ALWAYS WT_NAME(wino_vec) WT_NAME(input_transform)(const WT_T *S, const double *bt, int alpha, WT_T *V,
+                                                     ptrdiff_t point_stride, WT_NAME(wino_vec) check)
+{
+    typedef WT_NAME(wino_vec) vec;
+    vec d[WINO_MAX_ALPHA][WINO_MAX_ALPHA], t[WINO_MAX_ALPHA][WINO_MAX_ALPHA];
+    _Pragma("GCC unroll 8") for (int i = 0; i < alpha; i++)
+        _Pragma("GCC unroll 8") for (int j = 0; j < alpha; j++) memcpy(&d[i][j], S + (i * alpha + j) * WT_LANES, sizeof(vec));
+    _Pragma("GCC unroll 8") for (int i = 0; i < alpha; i++)
+        _Pragma("GCC unroll 8") for (int j = 0; j < alpha; j++) WT_COMBINE(t[i][j], alpha, bt[i * alpha + k_], d[k_][j]);
+    _Pragma("GCC unroll 8") for (int i = 0; i < alpha; i++)
+        _Pragma("GCC unroll 8") for (int j = 0; j < alpha; j++) {
+            vec v;
+            WT_COMBINE(v, alpha, bt[j * alpha + k_], t[i][k_]);
+            check += v * (WT_T)0;
+            memcpy(V + (i * alpha + j) * point_stride, &v, sizeof(vec));
+        }
+    return check;
+}
+
+/* Y[i][j] = (A^T M A)[i][j] + shift, i, j < m, for the alpha x alpha vectors of M (point p at M + p * stride),
+ * into S (m x m vectors). */
+WT_ALWAYS WT_NAME(wino_vec) WT_NAME(output_transform)(const WT_T *M, ptrdiff_t point_stride, const double *at,
+                                                      int m, int alpha, WT_T shift, WT_T *S,
+                                                      WT_NAME(wino_vec) check)
+{
+    typedef WT_NAME(wino_vec) vec;
+    vec d[WINO_MAX_ALPHA][WINO_MAX_ALPHA], t[WINO_MAX_ALPHA][WINO_MAX_ALPHA];
+    _Pragma("GCC unroll 8") for (int i = 0; i < alpha; i++)
+        _Pragma("GCC unroll 8") for (int j = 0; j < alpha; j++) memcpy(&d[i][j], M + (i * alpha + j) * point_stride, sizeof(vec));
+    _Pragma("GCC unroll 8") for (int i = 0; i < m; i++)
+        _Pragma("GCC unroll 8") for (int j = 0; j < alpha; j++) WT_COMBINE(t[i][j], alpha, at[i * alpha + k_], d[k_][j]);
+    _Pragma("GCC unroll 8") for (int i = 0; i < m; i++)
+        _Pragma("GCC unroll 8") for (int j = 0; j < m; j++) {
+            vec y;
+            WT_COMBINE(y, alpha, at[j * alpha + k_], t[i][k_]);
+            y += shift;
+            check += y * (WT_T)0;
+            memcpy(S + (i * m + j) * WT_LANES, &y, sizeof(vec));
+        }
+    return check;
+}
+
+/* D[(a * alpha + b) * point_stride] = (A dY A^T)[a][b] for the m x m vectors dY of S. */
+WT_ALWAYS WT_NAME(wino_vec) WT_NAME(gradient_transform)(const WT_T *S, const double *at, int m, int alpha, WT_T *D,
+                                                        ptrdiff_t point_stride, WT_NAME(wino_vec) check)
+{
+    typedef WT_NAME(wino_vec) vec;
+    vec g[WINO_MAX_ALPHA][WINO_MAX_ALPHA], t[WINO_MAX_ALPHA][WINO_MAX_ALPHA];
+    _Pragma("GCC unroll 8") for (int i = 0; i < m; i++)
+        _Pragma("GCC unroll 8") for (int j = 0; j < m; j++) memcpy(&g[i][j], S + (i * m + j) * WT_LANES, sizeof(vec));
+    _Pragma("GCC unroll 8") for (int a = 0; a < alpha; a++)
+        _Pragma("GCC unroll 8") for (int j = 0; j < m; j++) WT_COMBINE(t[a][j], m, at[k_ * alpha + a], g[k_][j]);
+    _Pragma("GCC unroll 8") for (int a = 0; a < alpha; a++)
+        _Pragma("GCC unroll 8") for (int b = 0; b < alpha; b++) {
+            vec v;
+            WT_COMBINE(v, m, at[k_ * alpha + b], t[a][k_]);
+            check += v * (WT_T)0;
+            memcpy(D + (a * alpha + b) * point_stride, &v, sizeof(vec));
+        }
+    return check;
+}
+
+WT_ALWAYS int WT_NAME(any_nan)(WT_NAME(wino_vec) check)
+{
+    for (int l = 0; l < WT_LANES; l++)
+        if (check[l] != check[l]) return 1;
+    return 0;
+}
+
+/* The columns [0, n) of the rows [kb, kb + MR) of C = A B (or C += A B): full blocks of MICRO_NV vectors, then
+ * one of fewer vectors (n is a multiple of WT_LANES). */
+WT_ALWAYS void WT_NAME(multiply)(int depth, const WT_T *a, ptrdiff_t a_row, ptrdiff_t a_step, const WT_T *b,
+                                 ptrdiff_t b_step, WT_T *c, ptrdiff_t c_row, int n, int accumulate)
+{
+    int j = 0;
+    for (; j + MICRO_NV * WT_LANES <= n; j += MICRO_NV * WT_LANES)
+        MICRO_PASTE(WT_MICRO, _3)(depth, a, a_row, a_step, b + j, b_step, c + j, c_row, accumulate);
+    if (n - j == 2 * WT_LANES)
+        MICRO_PASTE(WT_MICRO, _2)(depth, a, a_row, a_step, b + j, b_step, c + j, c_row, accumulate);
+    else if (n - j == WT_LANES)
+        MICRO_PASTE(WT_MICRO, _1)(depth, a, a_row, a_step, b + j, b_step, c + j, c_row, accumulate);
+}
+
+/* One block of a forward: tiles [first, first + count) of one group. */
+WT_ALWAYS int WT_NAME(forward_block)(const wino_shape *s, const WT_T *x, const WT_T *u, const WT_T *bias, WT_T *y,
+                                     long first, int count, WT_T *work, int *tiles, int m, int alpha,
+                                     const double *bt, const double *at)
+{
+    typedef WT_NAME(wino_vec) vec;
+    const int T = s->block, P = alpha * alpha, C = s->channels, K = s->out_channels;
+    const ptrdiff_t in_plane = (ptrdiff_t)s->height * s->width, out_plane = (ptrdiff_t)s->out_h * s->out_w;
+    WT_T *V = work, *M = V + (ptrdiff_t)P * C * T;
+    WT_T S[WINO_MAX_ALPHA * WINO_MAX_ALPHA * WT_LANES];
+    vec check = (vec){0};
+    wino_tiles(s, first, count, tiles);
+    for (int c = 0; c < C; c++)
+        for (int t0 = 0; t0 < T; t0 += WT_LANES) {
+            for (int l = 0; l < WT_LANES; l++) {
+                int t = t0 + l;
+                if (t >= count) {
+                    WT_NAME(zero_lane)(P, l, S);
+                    continue;
+                }
+                const int *tile = tiles + 3 * t;
+                WT_NAME(gather_input)(x + tile[0] * s->in_image + c * in_plane, s->height, s->width,
+                                      tile[1] - s->pad_top, tile[2] - s->pad_left, alpha, l, S);
+            }
+            check = WT_NAME(input_transform)(S, bt, alpha, V + (ptrdiff_t)c * T + t0, (ptrdiff_t)C * T, check);
+        }
+    if (WT_NAME(any_nan)(check)) return 1;
+    for (int p = 0; p < P; p++)
+        for (int kb = 0; kb < s->k_pad; kb += WT_MR)
+            WT_NAME(multiply)(C, u + ((ptrdiff_t)p * s->k_pad + kb) * C, 1, WT_MR, V + (ptrdiff_t)p * C * T, T,
+                              M + ((ptrdiff_t)p * s->k_pad + kb) * T, T, T, 0);
+    for (int k = 0; k < K; k++)
+        for (int t0 = 0; t0 < count; t0 += WT_LANES) {
+            check = WT_NAME(output_transform)(M + (ptrdiff_t)k * T + t0, (ptrdiff_t)s->k_pad * T, at, m, alpha,
+                                              bias ? bias[k] : 0, S, check);
+            for (int l = 0; l < WT_LANES && t0 + l < count; l++) {
+                const int *tile = tiles + 3 * (t0 + l);
+                WT_T *dst = y + tile[0] * s->out_image + k * out_plane;
+                int rows = s->out_h - tile[1] < m ? s->out_h - tile[1] : m;
+                int cols = s->out_w - tile[2] < m ? s->out_w - tile[2] : m;
+                for (int i = 0; i < rows; i++)
+                    for (int j = 0; j < cols; j++)
+                        dst[(ptrdiff_t)(tile[1] + i) * s->out_w + tile[2] + j] = S[(i * m + j) * WT_LANES + l];
+            }
+        }
+    return WT_NAME(any_nan)(check);
+}
+
+/* y = the convolution of x with the transformed weights u (+ bias), every group: its blocks are independent
+ * units, shared out among the threads. x, u, bias and y advance by their *_group strides from one group to the
+ * next; each thread has `work_size` elements of `work` and 3 * block ints of `tiles`. Returns 1 if a value was
+ * not finite. */
+__attribute__((target(WT_TARGET)))
+static int WT_NAME(wino_forward)(const wino_shape *s, int groups, const WT_T *x, ptrdiff_t x_group, const WT_T *u,
+                                 ptrdiff_t u_group, const WT_T *bias, WT_T *y, ptrdiff_t y_group, WT_T *work,
+                                 ptrdiff_t work_size, int *tiles, int threads)
+{
+    const long total = (long)s->batch * s->tiles_plane, blocks = (total + s->block - 1) / s->block;
+    int bad = 0;
+    (void)threads;
+#pragma omp parallel for schedule(dynamic) num_threads(threads) reduction(| : bad)
+    for (long unit = 0; unit < groups * blocks; unit++) {
+        int g = (int)(unit / blocks), thread = WINO_THREAD();
+        long first = unit % blocks * s->block;
+        int count = (int)(total - first < s->block ? total - first : s->block);
+        const WT_T *group_bias = bias ? bias + (ptrdiff_t)g * s->out_channels : NULL;
+        WT_T *w = work + thread * work_size;
+        int *t = tiles + 3 * s->block * thread;
+        bad |= s->m == 4 ? WT_NAME(forward_block)(s, x + g * x_group, u + g * u_group, group_bias, y + g * y_group,
+                                                  first, count, w, t, 4, 6, &WINO4_BT[0][0], &WINO4_AT[0][0])
+                         : WT_NAME(forward_block)(s, x + g * x_group, u + g * u_group, group_bias, y + g * y_group,
+                                                  first, count, w, t, 2, 4, &WINO2_BT[0][0], &WINO2_AT[0][0]);
+    }
+    return bad;
+}
+
+/* gw[(k * C + c) * 9 + 3 a + b] = (G^T du G)[a][b] over the points of du[p][k][c] (k < K, c < C): the weight
+ * gradient out of the transformed domain, WT_LANES channels at a time. */
+WT_ALWAYS void WT_NAME(finish_weight)(const wino_shape *s, const WT_T *du, int k, const double *g, int alpha,
+                                      WT_T *gw)
+{
+    typedef WT_NAME(wino_vec) vec;
+    const int C = s->channels;
+    const ptrdiff_t point = (ptrdiff_t)s->k_pad * s->c_pad;
+    for (int c0 = 0; c0 < C; c0 += WT_LANES) {
+        vec d[WINO_MAX_ALPHA][WINO_MAX_ALPHA], t[WINO_MAX_ALPHA][3], out[3][3];
+        _Pragma("GCC unroll 8") for (int i = 0; i < alpha; i++)
+            _Pragma("GCC unroll 8") for (int j = 0; j < alpha; j++)
+                memcpy(&d[i][j], du + (i * alpha + j) * point + (ptrdiff_t)k * s->c_pad + c0, sizeof(vec));
+        _Pragma("GCC unroll 8") for (int i = 0; i < alpha; i++)
+            _Pragma("GCC unroll 4") for (int b = 0; b < 3; b++) WT_COMBINE(t[i][b], alpha, g[k_ * 3 + b], d[i][k_]);
+        _Pragma("GCC unroll 4") for (int a = 0; a < 3; a++)
+            _Pragma("GCC unroll 4") for (int b = 0; b < 3; b++) WT_COMBINE(out[a][b], alpha, g[k_ * 3 + a], t[k_][b]);
+        for (int l = 0; l < WT_LANES && c0 + l < C; l++)
+            for (int q = 0; q < 9; q++) gw[((ptrdiff_t)k * C + c0 + l) * 9 + q] = out[q / 3][q % 3][l];
+    }
+}
+
+/* gw = the weight gradient of every group, in fixed blocks of tiles: for each block, the threads share out its
+ * transforms (V: tile x channel vector, D: channel x tile vector), then the products du[p] += D[p] V[p] by
+ * (point, MR output channels), so every element of du is summed by one thread in block order whatever the
+ * number of threads; du then leaves the transformed domain. du (alpha^2 k_pad c_pad), work (V and D of one
+ * block) and tiles (3 * block) are shared. Returns 1 if a value was not finite. */
+WT_ALWAYS int WT_NAME(weight_gradient)(const wino_shape *s, int groups, const WT_T *x, ptrdiff_t x_group,
+                                       const WT_T *gy, ptrdiff_t gy_group, WT_T *du, WT_T *gw, WT_T *work, int *tiles,
+                                       int threads, int m, int alpha, const double *bt, const double *at,
+                                       const double *g)
+{
+    typedef WT_NAME(wino_vec) vec;
+    const int T = s->block, P = alpha * alpha, C = s->channels, K = s->out_channels, CP = s->c_pad;
+    const int c_vectors = CP / WT_LANES, t_vectors = T / WT_LANES, k_blocks = s->k_pad / WT_MR;
+    const long total = (long)s->batch * s->tiles_plane;
+    const ptrdiff_t in_plane = (ptrdiff_t)s->height * s->width, out_plane = (ptrdiff_t)s->out_h * s->out_w;
+    WT_T *V = work, *D = V + (ptrdiff_t)P * T * CP;
+    int bad = 0;
+    (void)threads;
+#pragma omp parallel num_threads(threads) reduction(| : bad)
+    {
+        WT_T S[WINO_MAX_ALPHA * WINO_MAX_ALPHA * WT_LANES];
+        vec check = (vec){0};
+        for (int grp = 0; grp < groups; grp++) {
+            const WT_T *xg = x + grp * x_group, *gyg = gy + grp * gy_group;
+#pragma omp for schedule(static)
+            for (long e = 0; e < (long)P * s->k_pad * CP; e++) du[e] = 0;
+            for (long first = 0; first < total; first += T) {
+                const int count = (int)(total - first < T ? total - first : T);
+#pragma omp single
+                wino_tiles(s, first, count, tiles);
+#pragma omp for schedule(static)
+                for (int item = 0; item < T * c_vectors; item++) {
+                    int t = item / c_vectors, c0 = item % c_vectors * WT_LANES;
+                    for (int l = 0; l < WT_LANES; l++) {
+                        if (t >= count || c0 + l >= C) {
+                            WT_NAME(zero_lane)(P, l, S);
+                            continue;
+                        }
+                        const int *tile = tiles + 3 * t;
+                        WT_NAME(gather_input)(xg + tile[0] * s->in_image + (c0 + l) * in_plane, s->height, s->width,
+                                              tile[1] - s->pad_top, tile[2] - s->pad_left, alpha, l, S);
+                    }
+                    check = WT_NAME(input_transform)(S, bt, alpha, V + (ptrdiff_t)t * CP + c0, (ptrdiff_t)T * CP,
+                                                     check);
+                }
+#pragma omp for schedule(static)
+                for (int item = 0; item < K * t_vectors; item++) {
+                    int k = item / t_vectors, t0 = item % t_vectors * WT_LANES;
+                    for (int l = 0; l < WT_LANES; l++) {
+                        int t = t0 + l;
+                        if (t >= count) {
+                            WT_NAME(zero_lane)(m * m, l, S);
+                            continue;
+                        }
+                        const int *tile = tiles + 3 * t;
+                        WT_NAME(gather_input)(gyg + tile[0] * s->out_image + k * out_plane, s->out_h, s->out_w,
+                                              tile[1], tile[2], m, l, S);
+                    }
+                    check = WT_NAME(gradient_transform)(S, at, m, alpha, D + (ptrdiff_t)k * T + t0,
+                                                        (ptrdiff_t)s->k_pad * T, check);
+                }
+#pragma omp for schedule(static)
+                for (int item = 0; item < P * k_blocks; item++) {
+                    int p = item / k_blocks, kb = item % k_blocks * WT_MR;
+                    WT_NAME(multiply)(T, D + ((ptrdiff_t)p * s->k_pad + kb) * T, T, 1, V + (ptrdiff_t)p * T * CP, CP,
+                                      du + ((ptrdiff_t)p * s->k_pad + kb) * CP, CP, CP, 1);
+                }
+            }
+#pragma omp for schedule(static)
+            for (int k = 0; k < K; k++)
+                WT_NAME(finish_weight)(s, du, k, g, alpha, gw + (ptrdiff_t)grp * K * C * 9);
+        }
+        bad |= WT_NAME(any_nan)(check);
+    }
+    return bad;
+}
+
+__attribute__((target(WT_TARGET)))
+static int WT_NAME(wino_weight)(const wino_shape *s, int groups, const WT_T *x, ptrdiff_t x_group, const WT_T *gy,
+                                ptrdiff_t gy_group, WT_T *du, WT_T *gw, WT_T *work, int *tiles, int threads)
+{
+    if (s->m == 4)
+        return WT_NAME(weight_gradient)(s, groups, x, x_group, gy, gy_group, du, gw, work, tiles, threads, 4, 6,
+                                        &WINO4_BT[0][0], &WINO4_AT[0][0], &WINO4_G[0][0]);
+    return WT_NAME(weight_gradient)(s, groups, x, x_group, gy, gy_group, du, gw, work, tiles, threads, 2, 4,
+                                    &WINO2_BT[0][0], &WINO2_AT[0][0], &WINO2_G[0][0]);
+}
+
+/* u = the transformed weights of every group, in double precision: u[group][p][k / MR][c][k % MR] = (G f G^T)[p]
+ * of the filter f of output channel k and input channel c, tap (i, j) of which is w[k * k_stride + c * c_stride +
+ * 3 i + j] past the group's first weight, or its tap (2 - i, 2 - j) where `flip` (an input gradient's weight);
+ * zero for k >= out_channels. MR output channels at a time, one per lane. */
+WT_ALWAYS void WT_NAME(transform_weights)(const wino_shape *s, int groups, const WT_T *w, ptrdiff_t k_stride,
+                                          ptrdiff_t c_stride, ptrdiff_t g_stride, int flip, WT_T *u, int threads,
+                                          int alpha, const double *g)
+{
+    typedef double dvec __attribute__((vector_size(WT_MR * sizeof(double))));
+    typedef dvec vec;  /* for WT_COMBINE */
+    const int C = s->channels, K = s->out_channels, k_blocks = s->k_pad / WT_MR;
+    const ptrdiff_t u_group = (ptrdiff_t)alpha * alpha * s->k_pad * C;
+    (void)threads;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long item = 0; item < (long)groups * k_blocks * C; item++) {
+        int grp = (int)(item / ((long)k_blocks * C)), kb = (int)(item / C % k_blocks) * WT_MR, c = (int)(item % C);
+        dvec f[3][3], t[WINO_MAX_ALPHA][3];
+        for (int q = 0; q < 9; q++)
+            for (int r = 0; r < WT_MR; r++)
+                f[q / 3][q % 3][r] = kb + r < K ? (double)w[grp * g_stride + (kb + r) * k_stride + c * c_stride + (flip ? 8 - q : q)] : 0;
+        _Pragma("GCC unroll 8") for (int a = 0; a < alpha; a++)
+            _Pragma("GCC unroll 4") for (int j = 0; j < 3; j++) WT_COMBINE(t[a][j], 3, g[a * 3 + k_], f[k_][j]);
+        WT_T *dst = u + grp * u_group + (ptrdiff_t)kb * C + (ptrdiff_t)c * WT_MR;
+        _Pragma("GCC unroll 8") for (int a = 0; a < alpha; a++)
+            _Pragma("GCC unroll 8") for (int b = 0; b < alpha; b++) {
+                dvec v;
+                WT_COMBINE(v, 3, g[b * 3 + k_], t[a][k_]);
+                WT_T *point = dst + (ptrdiff_t)(a * alpha + b) * s->k_pad * C;
+                for (int r = 0; r < WT_MR; r++) point[r] = (WT_T)v[r];
+            }
+    }
+}
+
+__attribute__((target(WT_TARGET)))
+static void WT_NAME(wino_weights)(const wino_shape *s, int groups, const WT_T *w, ptrdiff_t k_stride,
+                                  ptrdiff_t c_stride, ptrdiff_t g_stride, int flip, WT_T *u, int threads)
+{
+    if (s->m == 4)
+        WT_NAME(transform_weights)(s, groups, w, k_stride, c_stride, g_stride, flip, u, threads, 6, &WINO4_G[0][0]);
+    else
+        WT_NAME(transform_weights)(s, groups, w, k_stride, c_stride, g_stride, flip, u, threads, 4, &WINO2_G[0][0]);
+}
+
+#undef WT_NAME
+#undef WT_ALWAYS
+#undef WT_COMBINE
+#undef WT_SUFFIX
+#undef WT_T
+#undef WT_LANES
+#undef WT_MICRO
+#undef WT_MR
+#undef WT_TARGET
