@@ -22,6 +22,7 @@ cdef extern from "winograd.h" nogil:
         int tiles_w, tiles_plane
         ptrdiff_t in_image, out_image
         int block, k_pad, c_pad
+        ptrdiff_t v_point, m_point, u_point
     ctypedef struct micro_kernels:
         const char* name
         int mr, lanes_float, lanes_double
@@ -98,7 +99,21 @@ cdef wino_shape shape_of(p, int m, const wino_kernels* k, Py_ssize_t itemsize, b
         while n > 1 and p.groups * ceil_div(tiles, <Py_ssize_t>n * width) < MIN_UNITS:
             n -= 1
         s.block = n * width
+    if weight_gradient:  # V[p][t][c], D[p][k][t], du[p][k][c]
+        s.v_point = point_stride(<ptrdiff_t>s.block * s.c_pad, lanes, itemsize)
+        s.m_point = point_stride(<ptrdiff_t>s.k_pad * s.block, lanes, itemsize)
+        s.u_point = point_stride(<ptrdiff_t>s.k_pad * s.c_pad, lanes, itemsize)
+    else:  # V[p][c][t], M[p][k][t], U[p][k / MR][c][k % MR]
+        s.v_point = point_stride(<ptrdiff_t>s.channels * s.block, lanes, itemsize)
+        s.m_point = point_stride(<ptrdiff_t>s.k_pad * s.block, lanes, itemsize)
+        s.u_point = point_stride(<ptrdiff_t>s.k_pad * s.channels, lanes, itemsize)
     return s
+
+
+cdef ptrdiff_t point_stride(ptrdiff_t elements, int lanes, Py_ssize_t itemsize):
+    """`elements` rounded up to whole vectors, and one vector more where that is a multiple of 1 KiB."""
+    cdef ptrdiff_t stride = (elements + lanes - 1) // lanes * lanes
+    return stride + lanes if stride * itemsize % 1024 == 0 else stride
 
 
 cdef bint convolve(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, const floating* bias,
@@ -110,16 +125,16 @@ cdef bint convolve(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
     cdef wino_shape s = shape_of(p, m, &k, sizeof(floating), False)
     cdef int groups = p.groups
     dtype = np.asarray(y).dtype
-    cdef floating[::1] u = np.empty(<Py_ssize_t>groups * s.alpha * s.alpha * s.k_pad * s.channels, dtype)
+    cdef floating[::1] u = np.empty(<Py_ssize_t>groups * s.alpha * s.alpha * s.u_point, dtype)
     cdef ptrdiff_t k_stride = s.channels * 9, c_stride = 9, g_stride = <ptrdiff_t>s.out_channels * s.channels * 9
     if flipped:  # w is (groups * channels, out_channels, 3, 3) per group: the channel axes swap
         k_stride, c_stride = 9, s.out_channels * 9
-    cdef Py_ssize_t work_size = <Py_ssize_t>s.alpha * s.alpha * s.block * (s.channels + s.k_pad)
+    cdef Py_ssize_t work_size = <Py_ssize_t>s.alpha * s.alpha * (s.v_point + s.m_point)
     cdef floating[:, ::1] work = np.empty((threads, work_size), dtype)
     cdef int[:, ::1] tiles = np.empty((threads, 3 * s.block), np.intc)
     cdef ptrdiff_t x_group = <ptrdiff_t>s.channels * s.height * s.width
     cdef ptrdiff_t y_group = <ptrdiff_t>s.out_channels * s.out_h * s.out_w
-    cdef ptrdiff_t u_group = <ptrdiff_t>s.alpha * s.alpha * s.k_pad * s.channels
+    cdef ptrdiff_t u_group = <ptrdiff_t>s.alpha * s.alpha * s.u_point
     cdef int bad
     with nogil:
         if floating is float:
@@ -152,9 +167,9 @@ def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1
     cdef wino_kernels k = wino_current()
     cdef wino_shape s = shape_of(p, m, &k, sizeof(floating), True)
     dtype = np.asarray(gw).dtype
-    cdef floating[::1] du = np.empty(<Py_ssize_t>s.alpha * s.alpha * s.k_pad * s.c_pad, dtype)
+    cdef floating[::1] du = np.empty(<Py_ssize_t>s.alpha * s.alpha * s.u_point, dtype)
     # zeros: the rows of D past out_channels are read by the products and never written
-    cdef floating[::1] work = np.zeros(<Py_ssize_t>s.alpha * s.alpha * s.block * (s.c_pad + s.k_pad), dtype)
+    cdef floating[::1] work = np.zeros(<Py_ssize_t>s.alpha * s.alpha * (s.v_point + s.m_point), dtype)
     cdef int[::1] tiles = np.empty(3 * s.block, np.intc)
     cdef ptrdiff_t x_group = <ptrdiff_t>s.channels * s.height * s.width
     cdef ptrdiff_t gy_group = <ptrdiff_t>s.out_channels * s.out_h * s.out_w

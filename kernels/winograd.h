@@ -61,6 +61,12 @@ static const double WINO2_BT[4][4] = {
     {0, -1, 0, 1},
 };
 
+/* Entry (i, j) of F(m x m, 3 x 3)'s matrices for a constant m, read straight from the tables so that the compiler
+ * folds every coefficient into the code and drops the zeros (the masks keep the branch not taken in bounds). */
+#define WINO_BT(m, i, j) ((m) == 4 ? WINO4_BT[i][j] : WINO2_BT[(i) & 3][(j) & 3])
+#define WINO_AT(m, i, j) ((m) == 4 ? WINO4_AT[i][j] : WINO2_AT[(i) & 1][(j) & 3])
+#define WINO_G(m, i, j) ((m) == 4 ? WINO4_G[i][j] : WINO2_G[(i) & 3][j])
+
 /* One group's convolution as Winograd tiles: the tiles of every image, numbered image by image, row by row. */
 typedef struct {
     int m, alpha;                    /* output tile side (4 or 2), input tile side m + 2 */
@@ -74,6 +80,10 @@ typedef struct {
                                         or of its vector (weight gradient) */
     int k_pad;                       /* out_channels rounded up to the micro-kernel's rows */
     int c_pad;                       /* channels rounded up to a vector (weight gradient) */
+    /* Elements from one point of the transformed domain to the next: in V (the input's transform), M (the
+     * products; a weight gradient's D) and U (the weights' transform; a weight gradient's du). Padded so that
+     * no stride is a multiple of 1 KiB: the points of a transform would otherwise share one set of the L1 cache. */
+    ptrdiff_t v_point, m_point, u_point;
 } wino_shape;
 
 /* tiles[3 l .. 3 l + 2] = the image, first output row and first output column of tile first + l. */
@@ -117,6 +127,7 @@ typedef int (*wino_weight_double_fn)(const wino_shape *, int groups, const doubl
 #ifdef MICRO_X86
 #define WT_SUFFIX float_avx512
 #define WT_T float
+#define WT_INT int
 #define WT_LANES 16
 #define WT_MICRO micro_float_avx512
 #define WT_MR 8
@@ -125,6 +136,7 @@ typedef int (*wino_weight_double_fn)(const wino_shape *, int groups, const doubl
 
 #define WT_SUFFIX double_avx512
 #define WT_T double
+#define WT_INT long long
 #define WT_LANES 8
 #define WT_MICRO micro_double_avx512
 #define WT_MR 8
@@ -133,6 +145,7 @@ typedef int (*wino_weight_double_fn)(const wino_shape *, int groups, const doubl
 
 #define WT_SUFFIX float_avx2
 #define WT_T float
+#define WT_INT int
 #define WT_LANES 8
 #define WT_MICRO micro_float_avx2
 #define WT_MR 4
@@ -141,6 +154,7 @@ typedef int (*wino_weight_double_fn)(const wino_shape *, int groups, const doubl
 
 #define WT_SUFFIX double_avx2
 #define WT_T double
+#define WT_INT long long
 #define WT_LANES 4
 #define WT_MICRO micro_double_avx2
 #define WT_MR 4
