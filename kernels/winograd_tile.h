@@ -35,9 +35,14 @@ WT_ALWAYS void WT_NAME(gather_window)(const WT_T *plane, int height, int width, 
         return;
     }
     for (int i = 0; i < size; i++) {
+        const WT_T *src = plane + (ptrdiff_t)(r0 + i) * width + c0;
+        if (i >= i0 && i < i1 && j0 == 0 && j1 == size) {  /* constant sizes: copied inline */
+            memcpy(Q + i * 8, src, size * sizeof(WT_T));
+            continue;
+        }
         memset(Q + i * 8, 0, size * sizeof(WT_T));
-        if (i >= i0 && i < i1 && j1 > j0)
-            memcpy(Q + i * 8 + j0, plane + (ptrdiff_t)(r0 + i) * width + c0 + j0, (j1 - j0) * sizeof(WT_T));
+        if (i >= i0 && i < i1)
+            for (int j = j0; j < j1; j++) Q[i * 8 + j] = src[j];
     }
 }
 
@@ -239,7 +244,10 @@ WT_ALWAYS int WT_NAME(forward_block)(const wino_shape *s, const WT_T *x, const W
                 int rows = s->out_h - tile[1] < m ? s->out_h - tile[1] : m;
                 int cols = s->out_w - tile[2] < m ? s->out_w - tile[2] : m;
                 for (int i = 0; i < rows; i++)
-                    memcpy(dst + (ptrdiff_t)i * s->out_w, Q + l * 16 + i * m, cols * sizeof(WT_T));
+                    if (cols == m)  /* a constant size: copied inline */
+                        memcpy(dst + (ptrdiff_t)i * s->out_w, Q + l * 16 + i * m, m * sizeof(WT_T));
+                    else
+                        for (int j = 0; j < cols; j++) dst[(ptrdiff_t)i * s->out_w + j] = Q[l * 16 + i * m + j];
             }
         }
     return WT_NAME(any_nan)(check);
