@@ -303,14 +303,16 @@ WT_ALWAYS void WT_NAME(finish_weight)(const wino_shape *s, const WT_T *du, int k
     }
 }
 
-/* gw = the weight gradient of every group, in fixed blocks of tiles: for each block, the threads share out its
- * transforms (V: tile x channel vector, D: channel x tile vector), then the products du[p] += D[p] V[p] by
- * (point, MR output channels), so every element of du is summed by one thread in block order whatever the
- * number of threads; du then leaves the transformed domain. du (alpha^2 k_pad c_pad), work (V and D of one
- * block) and tiles (3 * block) are shared. Returns 1 if a value was not finite. */
+/* The share of one thread of the team running it (every thread of the team calls it) of the weight gradient
+ * of every group, in fixed blocks of tiles: for each block, the threads share out its transforms (V: tile x
+ * channel vector, D: channel x tile vector), then the products du[p] += D[p] V[p] by (point, MR output
+ * channels), so every element of du is summed by one thread in block order whatever the number of threads;
+ * du then leaves the transformed domain. du, work (V and D of one block) and tiles (3 * block) are shared.
+ * Returns 1 if a value this thread transformed was not finite. (The parallel region is the caller's, so that
+ * m and alpha reach this code as constants.) */
 WT_ALWAYS int WT_NAME(weight_gradient)(const wino_shape *s, int groups, const WT_T *x, ptrdiff_t x_group,
                                        const WT_T *gy, ptrdiff_t gy_group, WT_T *du, WT_T *gw, WT_T *work, int *tiles,
-                                       int threads, int m, int alpha)
+                                       int m, int alpha)
 {
     typedef WT_NAME(wino_vec) vec;
     const int T = s->block, P = alpha * alpha, C = s->channels, K = s->out_channels, CP = s->c_pad;
@@ -318,120 +320,115 @@ WT_ALWAYS int WT_NAME(weight_gradient)(const wino_shape *s, int groups, const WT
     const long total = (long)s->batch * s->tiles_plane;
     const ptrdiff_t in_plane = (ptrdiff_t)s->height * s->width, out_plane = (ptrdiff_t)s->out_h * s->out_w;
     WT_T *V = work, *D = V + P * s->v_point;
-    int bad = 0;
-    (void)threads;
-#pragma omp parallel num_threads(threads) reduction(| : bad)
-    {
-        WT_T S[WINO_MAX_ALPHA * WINO_MAX_ALPHA * WT_LANES], Q[WT_LANES * WT_WINDOW] = {0};
-        vec check = (vec){0};
-        for (int grp = 0; grp < groups; grp++) {
-            const WT_T *xg = x + grp * x_group, *gyg = gy + grp * gy_group;
+    WT_T S[WINO_MAX_ALPHA * WINO_MAX_ALPHA * WT_LANES], Q[WT_LANES * WT_WINDOW] = {0};
+    vec check = (vec){0};
+    for (int grp = 0; grp < groups; grp++) {
+        const WT_T *xg = x + grp * x_group, *gyg = gy + grp * gy_group;
 #pragma omp for schedule(static)
-            for (long e = 0; e < P * s->u_point; e++) du[e] = 0;
-            for (long first = 0; first < total; first += T) {
-                const int count = (int)(total - first < T ? total - first : T);
+        for (long e = 0; e < P * s->u_point; e++) du[e] = 0;
+        for (long first = 0; first < total; first += T) {
+            const int count = (int)(total - first < T ? total - first : T);
 #pragma omp single
-                wino_tiles(s, first, count, tiles);
+            wino_tiles(s, first, count, tiles);
 #pragma omp for schedule(static)
-                for (int item = 0; item < T * c_vectors; item++) {
-                    int t = item / c_vectors, c0 = item % c_vectors * WT_LANES;
-                    for (int l = 0; l < WT_LANES; l++) {
-                        if (t >= count || c0 + l >= C) {
-                            WT_NAME(zero_window)(alpha, Q + l * WT_WINDOW);
-                            continue;
-                        }
-                        const int *tile = tiles + 3 * t;
-                        WT_NAME(gather_window)(xg + tile[0] * s->in_image + (c0 + l) * in_plane, s->height,
-                                               s->width, tile[1] - s->pad_top, tile[2] - s->pad_left, alpha,
-                                               Q + l * WT_WINDOW);
+            for (int item = 0; item < T * c_vectors; item++) {
+                int t = item / c_vectors, c0 = item % c_vectors * WT_LANES;
+                for (int l = 0; l < WT_LANES; l++) {
+                    if (t >= count || c0 + l >= C) {
+                        WT_NAME(zero_window)(alpha, Q + l * WT_WINDOW);
+                        continue;
                     }
-                    WT_NAME(lanes_of_windows)(Q, alpha, S);
-                    check = WT_NAME(input_transform)(S, m, alpha, V + (ptrdiff_t)t * CP + c0, s->v_point,
-                                                     check);
+                    const int *tile = tiles + 3 * t;
+                    WT_NAME(gather_window)(xg + tile[0] * s->in_image + (c0 + l) * in_plane, s->height, s->width,
+                                           tile[1] - s->pad_top, tile[2] - s->pad_left, alpha, Q + l * WT_WINDOW);
                 }
-#pragma omp for schedule(static)
-                for (int item = 0; item < K * t_vectors; item++) {
-                    int k = item / t_vectors, t0 = item % t_vectors * WT_LANES;
-                    for (int l = 0; l < WT_LANES; l++) {
-                        int t = t0 + l;
-                        if (t >= count) {
-                            WT_NAME(zero_window)(m, Q + l * WT_WINDOW);
-                            continue;
-                        }
-                        const int *tile = tiles + 3 * t;
-                        WT_NAME(gather_window)(gyg + tile[0] * s->out_image + k * out_plane, s->out_h, s->out_w,
-                                               tile[1], tile[2], m, Q + l * WT_WINDOW);
-                    }
-                    WT_NAME(lanes_of_windows)(Q, m, S);
-                    check = WT_NAME(gradient_transform)(S, m, alpha, D + (ptrdiff_t)k * T + t0,
-                                                        s->m_point, check);
-                }
-#pragma omp for schedule(static)
-                for (int item = 0; item < P * k_blocks; item++) {
-                    int p = item / k_blocks, kb = item % k_blocks * WT_MR;
-                    WT_NAME(multiply)(T, D + p * s->m_point + (ptrdiff_t)kb * T, T, 1, V + p * s->v_point, CP,
-                                      du + p * s->u_point + (ptrdiff_t)kb * CP, CP, CP, 1);
-                }
+                WT_NAME(lanes_of_windows)(Q, alpha, S);
+                check = WT_NAME(input_transform)(S, m, alpha, V + (ptrdiff_t)t * CP + c0, s->v_point, check);
             }
 #pragma omp for schedule(static)
-            for (int k = 0; k < K; k++)
-                WT_NAME(finish_weight)(s, du, k, m, alpha, gw + (ptrdiff_t)grp * K * C * 9);
+            for (int item = 0; item < K * t_vectors; item++) {
+                int k = item / t_vectors, t0 = item % t_vectors * WT_LANES;
+                for (int l = 0; l < WT_LANES; l++) {
+                    int t = t0 + l;
+                    if (t >= count) {
+                        WT_NAME(zero_window)(m, Q + l * WT_WINDOW);
+                        continue;
+                    }
+                    const int *tile = tiles + 3 * t;
+                    WT_NAME(gather_window)(gyg + tile[0] * s->out_image + k * out_plane, s->out_h, s->out_w, tile[1],
+                                           tile[2], m, Q + l * WT_WINDOW);
+                }
+                WT_NAME(lanes_of_windows)(Q, m, S);
+                check = WT_NAME(gradient_transform)(S, m, alpha, D + (ptrdiff_t)k * T + t0, s->m_point, check);
+            }
+#pragma omp for schedule(static)
+            for (int item = 0; item < P * k_blocks; item++) {
+                int p = item / k_blocks, kb = item % k_blocks * WT_MR;
+                WT_NAME(multiply)(T, D + p * s->m_point + (ptrdiff_t)kb * T, T, 1, V + p * s->v_point, CP,
+                                  du + p * s->u_point + (ptrdiff_t)kb * CP, CP, CP, 1);
+            }
         }
-        bad |= WT_NAME(any_nan)(check);
+#pragma omp for schedule(static)
+        for (int k = 0; k < K; k++)
+            WT_NAME(finish_weight)(s, du, k, m, alpha, gw + (ptrdiff_t)grp * K * C * 9);
     }
-    return bad;
+    return WT_NAME(any_nan)(check);
 }
 
 __attribute__((target(WT_TARGET)))
 static int WT_NAME(wino_weight)(const wino_shape *s, int groups, const WT_T *x, ptrdiff_t x_group, const WT_T *gy,
                                 ptrdiff_t gy_group, WT_T *du, WT_T *gw, WT_T *work, int *tiles, int threads)
 {
-    if (s->m == 4)
-        return WT_NAME(weight_gradient)(s, groups, x, x_group, gy, gy_group, du, gw, work, tiles, threads, 4, 6);
-    return WT_NAME(weight_gradient)(s, groups, x, x_group, gy, gy_group, du, gw, work, tiles, threads, 2, 4);
+    int bad = 0;
+    (void)threads;
+#pragma omp parallel num_threads(threads) reduction(| : bad)
+    bad |= s->m == 4 ? WT_NAME(weight_gradient)(s, groups, x, x_group, gy, gy_group, du, gw, work, tiles, 4, 6)
+                     : WT_NAME(weight_gradient)(s, groups, x, x_group, gy, gy_group, du, gw, work, tiles, 2, 4);
+    return bad;
 }
 
-/* u = the transformed weights of every group, in double precision: u[group][p][k / MR][c][k % MR] = (G f G^T)[p]
- * of the filter f of output channel k and input channel c, tap (i, j) of which is w[k * k_stride + c * c_stride +
- * 3 i + j] past the group's first weight, or its tap (2 - i, 2 - j) where `flip` (an input gradient's weight);
- * zero for k >= out_channels. MR output channels at a time, one per lane. */
-WT_ALWAYS void WT_NAME(transform_weights)(const wino_shape *s, int groups, const WT_T *w, ptrdiff_t k_stride,
-                                          ptrdiff_t c_stride, ptrdiff_t g_stride, int flip, WT_T *u, int threads,
-                                          int m, int alpha)
+/* u[group][p][k / MR][c][k % MR] = (G f G^T)[p] of the filter f of output channel k and input channel c, for the
+ * MR output channels of the block kb (one per lane), in double precision: the filter's tap (i, j) is
+ * w[k * k_stride + c * c_stride + 3 i + j] past the group's first weight, or its tap (2 - i, 2 - j) where `flip`
+ * (an input gradient's weight); zero for k >= out_channels. */
+WT_ALWAYS void WT_NAME(transform_filters)(const wino_shape *s, const WT_T *w, ptrdiff_t k_stride, ptrdiff_t c_stride,
+                                          int flip, int kb, int c, WT_T *u, int m, int alpha)
 {
     typedef double dvec __attribute__((vector_size(WT_MR * sizeof(double))));
     typedef dvec vec;  /* for WT_COMBINE */
-    const int C = s->channels, K = s->out_channels, k_blocks = s->k_pad / WT_MR;
-    const ptrdiff_t u_group = alpha * alpha * s->u_point;
-    (void)threads;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (long item = 0; item < (long)groups * k_blocks * C; item++) {
-        int grp = (int)(item / ((long)k_blocks * C)), kb = (int)(item / C % k_blocks) * WT_MR, c = (int)(item % C);
-        dvec f[3][3], t[WINO_MAX_ALPHA][3];
-        for (int q = 0; q < 9; q++)
-            for (int r = 0; r < WT_MR; r++)
-                f[q / 3][q % 3][r] = kb + r < K ? (double)w[grp * g_stride + (kb + r) * k_stride + c * c_stride + (flip ? 8 - q : q)] : 0;
-        _Pragma("GCC unroll 8") for (int a = 0; a < alpha; a++)
-            _Pragma("GCC unroll 4") for (int j = 0; j < 3; j++) WT_COMBINE(t[a][j], 3, WINO_G(m, a, k_), f[k_][j]);
-        WT_T *dst = u + grp * u_group + (ptrdiff_t)kb * C + (ptrdiff_t)c * WT_MR;
-        _Pragma("GCC unroll 8") for (int a = 0; a < alpha; a++)
-            _Pragma("GCC unroll 8") for (int b = 0; b < alpha; b++) {
-                dvec v;
-                WT_COMBINE(v, 3, WINO_G(m, b, k_), t[a][k_]);
-                WT_T *point = dst + (a * alpha + b) * s->u_point;
-                for (int r = 0; r < WT_MR; r++) point[r] = (WT_T)v[r];
-            }
-    }
+    dvec f[3][3], t[WINO_MAX_ALPHA][3];
+    for (int q = 0; q < 9; q++)
+        for (int r = 0; r < WT_MR; r++)
+            f[q / 3][q % 3][r] = kb + r < s->out_channels ? (double)w[(kb + r) * k_stride + c * c_stride + (flip ? 8 - q : q)] : 0;
+    _Pragma("GCC unroll 8") for (int a = 0; a < alpha; a++)
+        _Pragma("GCC unroll 4") for (int j = 0; j < 3; j++) WT_COMBINE(t[a][j], 3, WINO_G(m, a, k_), f[k_][j]);
+    WT_T *dst = u + (ptrdiff_t)kb * s->channels + (ptrdiff_t)c * WT_MR;
+    _Pragma("GCC unroll 8") for (int a = 0; a < alpha; a++)
+        _Pragma("GCC unroll 8") for (int b = 0; b < alpha; b++) {
+            dvec v;
+            WT_COMBINE(v, 3, WINO_G(m, b, k_), t[a][k_]);
+            WT_T *point = dst + (a * alpha + b) * s->u_point;
+            for (int r = 0; r < WT_MR; r++) point[r] = (WT_T)v[r];
+        }
 }
 
+/* u = the transformed weights of every group (transform_filters), groups g_stride apart in w. */
 __attribute__((target(WT_TARGET)))
 static void WT_NAME(wino_weights)(const wino_shape *s, int groups, const WT_T *w, ptrdiff_t k_stride,
                                   ptrdiff_t c_stride, ptrdiff_t g_stride, int flip, WT_T *u, int threads)
 {
-    if (s->m == 4)
-        WT_NAME(transform_weights)(s, groups, w, k_stride, c_stride, g_stride, flip, u, threads, 4, 6);
-    else
-        WT_NAME(transform_weights)(s, groups, w, k_stride, c_stride, g_stride, flip, u, threads, 2, 4);
+    const int C = s->channels, k_blocks = s->k_pad / WT_MR;
+    (void)threads;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long item = 0; item < (long)groups * k_blocks * C; item++) {
+        int grp = (int)(item / ((long)k_blocks * C)), kb = (int)(item / C % k_blocks) * WT_MR, c = (int)(item % C);
+        const WT_T *wg = w + grp * g_stride;
+        WT_T *ug = u + grp * s->alpha * s->alpha * s->u_point;
+        if (s->m == 4)
+            WT_NAME(transform_filters)(s, wg, k_stride, c_stride, flip, kb, c, ug, 4, 6);
+        else
+            WT_NAME(transform_filters)(s, wg, k_stride, c_stride, flip, kb, c, ug, 2, 4);
+    }
 }
 
 #undef WT_NAME
