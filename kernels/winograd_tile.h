@@ -282,9 +282,10 @@ static int WT_NAME(wino_forward)(const wino_shape *s, int groups, const WT_T *x,
 }
 
 /* gw[(k * C + c) * 9 + 3 a + b] = (G^T du G)[a][b] over the points of du[p][k][c] (k < K, c < C): the weight
- * gradient out of the transformed domain, WT_LANES channels at a time. */
-WT_ALWAYS void WT_NAME(finish_weight)(const wino_shape *s, const WT_T *du, int k, int m, int alpha,
-                                      WT_T *gw)
+ * gradient out of the transformed domain, WT_LANES channels at a time; `check` as the transforms' (the sums of
+ * du may overflow where no transformed value did). */
+WT_ALWAYS WT_NAME(wino_vec) WT_NAME(finish_weight)(const wino_shape *s, const WT_T *du, int k, int m,
+                                                   int alpha, WT_T *gw, WT_NAME(wino_vec) check)
 {
     typedef WT_NAME(wino_vec) vec;
     const int C = s->channels;
@@ -298,9 +299,11 @@ WT_ALWAYS void WT_NAME(finish_weight)(const wino_shape *s, const WT_T *du, int k
             _Pragma("GCC unroll 4") for (int b = 0; b < 3; b++) WT_COMBINE(t[i][b], alpha, WINO_G(m, k_, b), d[i][k_]);
         _Pragma("GCC unroll 4") for (int a = 0; a < 3; a++)
             _Pragma("GCC unroll 4") for (int b = 0; b < 3; b++) WT_COMBINE(out[a][b], alpha, WINO_G(m, k_, a), t[k_][b]);
+        for (int q = 0; q < 9; q++) check += out[q / 3][q % 3] * (WT_T)0;
         for (int l = 0; l < WT_LANES && c0 + l < C; l++)
             for (int q = 0; q < 9; q++) gw[((ptrdiff_t)k * C + c0 + l) * 9 + q] = out[q / 3][q % 3][l];
     }
+    return check;
 }
 
 /* The share of one thread of the team running it (every thread of the team calls it) of the weight gradient
@@ -370,7 +373,7 @@ WT_ALWAYS int WT_NAME(weight_gradient)(const wino_shape *s, int groups, const WT
         }
 #pragma omp for schedule(static)
         for (int k = 0; k < K; k++)
-            WT_NAME(finish_weight)(s, du, k, m, alpha, gw + (ptrdiff_t)grp * K * C * 9);
+            check = WT_NAME(finish_weight)(s, du, k, m, alpha, gw + (ptrdiff_t)grp * K * C * 9, check);
     }
     return WT_NAME(any_nan)(check);
 }
