@@ -7,8 +7,9 @@ import pytest
 from cases import TOLERANCE, rel_err
 
 import fastconv
+from fastconv import dispatch
 
-pytest.importorskip("fastconv.backends._conv_winograd")
+kernels = pytest.importorskip("fastconv.backends._conv_winograd")
 WINOGRAD = [name for name in fastconv.algorithms("conv2d_forward") if "winograd" in name]
 pytestmark = pytest.mark.skipif(not WINOGRAD, reason="Winograd needs AVX2 or AVX-512")
 
@@ -47,6 +48,42 @@ def test_every_edge_and_padding_against_the_oracle(algorithm, geometry, dtype):
     for got, ref in zip(_three(x, weight, bias, gy, algorithm, padding=padding, groups=groups), reference):
         assert got.dtype == dtype
         assert rel_err(got, ref) <= TOLERANCE[dtype]
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def micro_kernels(request):
+    """Each set of micro-kernels (and transforms) the CPU runs in turn, then the default again."""
+    default = kernels.vector_isa()
+    if not kernels.use_vector_isa(request.param):
+        pytest.skip(f"this CPU cannot run the {request.param} micro-kernels")
+    yield request.param
+    assert kernels.use_vector_isa(default)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("geometry", GEOMETRIES[::2], ids=str)
+def test_each_instruction_set_against_the_oracle(micro_kernels, geometry, dtype):
+    n, c, h, w, k, groups, padding = geometry
+    x, weight, bias, gy = _arrays(n, c, h, w, k, groups, padding, dtype, seed=1)
+    reference = _three(*(a.astype(np.float64) for a in (x, weight, bias, gy)), "naive", padding=padding,
+                       groups=groups)
+    for algorithm in WINOGRAD:
+        for got, ref in zip(_three(x, weight, bias, gy, algorithm, padding=padding, groups=groups), reference):
+            assert rel_err(got, ref) <= TOLERANCE[dtype]
+
+
+def test_without_vector_instructions_winograd_refuses_and_auto_goes_on():
+    default = kernels.vector_isa()
+    assert kernels.use_vector_isa("none") and not kernels.use_vector_isa("avx9000")
+    try:
+        dispatch._chosen.clear()
+        x, w = np.ones((1, 2, 6, 6), np.float32), np.ones((2, 2, 3, 3), np.float32)
+        with pytest.raises(fastconv.UnsupportedError, match="AVX2 or AVX-512"):
+            fastconv.conv2d(x, w, backend="cython:winograd")
+        assert fastconv.conv2d(x, w, backend="cython").shape == (1, 2, 4, 4)
+    finally:
+        assert kernels.use_vector_isa(default)
+        dispatch._chosen.clear()
 
 
 @pytest.mark.parametrize("algorithm", WINOGRAD)

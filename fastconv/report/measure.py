@@ -57,12 +57,14 @@ def _import_torch():
 
 
 def _reference(case, op, inputs, torch):
-    """The float64 result that float32 results are compared with: fastconv's `auto` choice in float64
-    (tested against the naive oracle to 1e-12), or PyTorch's when auto could only pick naive on a case
-    too large for it. None when neither can (or the reference itself fails: the rows say why)."""
+    """The float64 result that float32 results are compared with: im2col:gemm's for a convolution (a plain
+    sum of products by BLAS: no algorithm's own rounding, such as Winograd's transforms, in the reference) and
+    `auto`'s for a pooling (exact), both tested against the naive oracle to 1e-12; PyTorch's where fastconv
+    could only run naive on a case too large for it. None when none can (or the reference itself fails: the
+    rows say why)."""
     inputs64 = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in inputs.items()}
     if case.naive_feasible() or set(fastconv.available_backends()) - {"naive"}:
-        call = suite.fastconv_call(case, op, inputs64, "auto")
+        call = suite.fastconv_call(case, op, inputs64, "im2col:gemm" if isinstance(case, suite.Conv) else "auto")
     elif torch is not None:
         call = suite.torch_call(case, op, inputs64)
     else:
