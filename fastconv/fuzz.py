@@ -3,8 +3,8 @@ that claims them against `naive` in float64 (and PyTorch, where installed, with 
 
 Each case is drawn from its own seed (printed with every failure: `--seed S --cases 1` replays it). A
 convolution may have groups up to depthwise, strides and dilations up to 4, int, pair, 'same' or 'valid'
-padding, kernels as large as the padded input, batch 1 and single channels; a pooling ceil_mode windows
-that hang over the edge. Inputs come C-ordered, Fortran-ordered, negatively strided, read-only, as a
+padding, kernels as large as the padded input, 3x3 stride-1 ones (Winograd's), batch 1 and single channels;
+a pooling ceil_mode windows that hang over the edge. Inputs come C-ordered, Fortran-ordered, negatively strided, read-only, as a
 channels-last view, as a slice with a step, or one byte off alignment. Refusals are counted apart; `auto`
 must never refuse.
 """
@@ -71,6 +71,8 @@ def draw_conv(rng):
             kernel = tuple(max(1, (s + 2 * p - 1) // d + 1) for s, p, d in zip(size, padding, dilation))
         elif rng.random() < 0.1:  # 1x1, stride 1, unpadded: a plain GEMM
             kernel, stride, padding = (1, 1), (1, 1), 0
+        elif rng.random() < 0.15:  # 3x3, stride 1, undilated: Winograd's tiles, edges and all
+            kernel, stride, dilation = (3, 3), (1, 1), (1, 1)
         x_shape = (int(rng.choice([1, 1, 2, 3])), c_in, *size)
         w_shape = (c_out, c_in // groups, *kernel)
         arguments = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
