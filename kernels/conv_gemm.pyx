@@ -122,7 +122,9 @@ cdef void im2col(const floating* x, const Conv* c, Block b, floating* col) noexc
                 for i in range(b.images):
                     src = x + (i * c.channels + ch) * plane + offset
                     ih = b.row * c.stride_h - c.pad_top + kh * c.dilation_h  # input row of output row r = 0
-                    if runs:  # rows [first, end) are inside the input: copy them at once, then zero the edges
+                    if runs and low < high:  # rows [first, end) are inside the input: copy them at once,
+                        # then zero the edges (a tap with no valid column reads nothing: the run would start or
+                        # end outside the plane)
                         first = clamp(-ih, 0, b.rows)
                         end = clamp(c.height - ih, first, b.rows)
                         for j in range(first * c.out_w + low, (end - 1) * c.out_w + high):

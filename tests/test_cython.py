@@ -226,3 +226,18 @@ def test_a_switch_of_register_tiles_never_reaches_a_running_call():
         stop.set()
         toggler.join()
         conv.use_vector_isa(default)
+
+
+def test_a_tap_with_no_valid_column_reads_nothing():
+    """'same' padding keeps the output as wide as the input, so im2col copies rows as one run; a tap that lies
+    in the padding for every column (dilation 4 on a 4-wide input) once read past the plane (found by the fuzz
+    under AddressSanitizer: this test fails under FASTCONV_SANITIZE=1 without the fix)."""
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((3, 1, 11, 4)), rng.standard_normal((1, 1, 3, 5))
+    kw = dict(padding="same", dilation=(1, 4))
+    y = fastconv.conv2d(x, w, **kw, backend="cython:gemm")
+    assert rel_err(y, fastconv.conv2d(x, w, **kw, backend="naive")) <= 1e-12
+    gy = rng.standard_normal(y.shape)
+    got, ref = (fastconv.conv2d_backward(gy, x, w, **kw, backend=name) for name in ("cython:gemm", "naive"))
+    for g, r in zip(got, ref):
+        assert rel_err(g, r) <= 1e-12
