@@ -15,12 +15,14 @@ from .params import (
     check_float_arrays,
     check_pool_backward,
     conv_params,
+    conv_transpose_params,
     pool_params,
     tap_range,
 )
 
 _INPUT = "(N, C_in, H, W)"
 _WEIGHT = "(C_out, C_in/groups, KH, KW)"
+_TRANSPOSED_WEIGHT = "(C_in, C_out/groups, KH, KW)"
 
 
 def _for_kernels(a, dtype=None):
@@ -75,15 +77,7 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     gy = _for_kernels(gy)
     grad_input = grad_weight = grad_bias = None
     if want_input:
-        w = _for_kernels(w)
-        if p.batch == 0:
-            grad_input = np.zeros(p.input_shape, dtype)
-        elif np.isfinite(w.sum(dtype=np.float64)):
-            grad_input = dispatch.run("conv2d_backward_input", p, dtype, backend, gy, w)
-        else:
-            finite = np.isfinite(w)
-            grad_input = dispatch.run("conv2d_backward_input", p, dtype, backend, gy, np.where(finite, w, 0))
-            _add_non_finite_taps(grad_input, gy, w, ~finite, p)
+        grad_input = _input_gradient(gy, w, p, dtype, backend)
     if want_weight:
         x = _for_kernels(x)
         grad_weight = (np.zeros(p.weight_shape, dtype) if p.batch == 0 else
@@ -92,6 +86,19 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
         # Summed in float64: N*H_out*W_out terms per channel is a long float32 sum.
         grad_bias = gy.sum(axis=(0, 2, 3), dtype=np.float64).astype(dtype)
     return grad_input, grad_weight, grad_bias
+
+
+def _input_gradient(gy, w, p, dtype, backend):
+    """conv2d's gradient w.r.t. its input (gy C-contiguous): the transposed convolution of gy."""
+    w = _for_kernels(w)
+    if p.batch == 0:
+        return np.zeros(p.input_shape, dtype)
+    if np.isfinite(w.sum(dtype=np.float64)):
+        return dispatch.run("conv2d_backward_input", p, dtype, backend, gy, w)
+    finite = np.isfinite(w)
+    gx = dispatch.run("conv2d_backward_input", p, dtype, backend, gy, np.where(finite, w, 0))
+    _add_non_finite_taps(gx, gy, w, ~finite, p)
+    return gx
 
 
 def _add_non_finite_taps(gx, gy, w, bad, p):
@@ -107,6 +114,72 @@ def _add_non_finite_taps(gx, gy, w, bad, p):
         j_lo, j_hi, cols = tap_range(0, p.out_width, p.in_width, sw, left, kw * dw)
         if i_hi > i_lo and j_hi > j_lo:
             gx[:, ci, rows, cols] += gy[:, co, i_lo:i_hi, j_lo:j_hi] * w[co, c, kh, kw]
+
+
+def _transpose_setup(x, w, stride, padding, output_padding, dilation, groups):
+    check_4d(x, "input", _INPUT)
+    check_4d(w, "weight", _TRANSPOSED_WEIGHT)
+    return conv_transpose_params(x.shape, w.shape, _hashable(stride), _hashable(padding), _hashable(output_padding),
+                                 _hashable(dilation), groups)
+
+
+def _as_grad_output(x, p):
+    """The transposed convolution's input as the grad_output of the convolution `p` whose input gradient it
+    is: itself, or zero-extended at the bottom and right where that convolution's output is larger."""
+    if x.shape == p.output_shape:
+        return _for_kernels(x)
+    extended = np.zeros(p.output_shape, x.dtype)
+    extended[:, :, :x.shape[2], :x.shape[3]] = x
+    return extended
+
+
+def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
+                     backend=None):
+    """2-D transposed convolution, as torch.nn.functional.conv_transpose2d (weight (C_in, C_out/groups, KH,
+    KW)): the gradient of a convolution w.r.t. its input, computed by the same algorithms."""
+    x, w = np.asarray(input), np.asarray(weight)
+    b = None if bias is None else np.asarray(bias)
+    dtype = check_float_arrays(input=x, weight=w, bias=b)
+    p = _transpose_setup(x, w, stride, padding, output_padding, dilation, groups)
+    if b is not None and b.shape != (p.in_channels,):
+        raise ValueError(f"bias must have shape ({p.in_channels},) for weight {w.shape} and groups={groups}, "
+                         f"got {b.shape}")
+    y = _input_gradient(_as_grad_output(x, p), w, p, dtype, backend)
+    if b is not None:
+        y += b.reshape(1, -1, 1, 1)
+    return y
+
+
+def conv_transpose2d_backward(grad_output, input, weight, stride=1, padding=0, output_padding=0, groups=1,
+                              dilation=1, *, output_mask=(True, True, True), backend=None):
+    """Gradients (input, weight, bias) of conv_transpose2d given grad_output; None where output_mask is False.
+    The input gradient is a forward convolution of grad_output, the weight gradient a convolution's weight
+    gradient with the two roles swapped."""
+    gy, x, w = np.asarray(grad_output), np.asarray(input), np.asarray(weight)
+    dtype = check_float_arrays(grad_output=gy, input=x, weight=w)
+    p = _transpose_setup(x, w, stride, padding, output_padding, dilation, groups)
+    if gy.shape != p.input_shape:
+        raise ValueError(f"grad_output must have the output's shape {p.input_shape} (input {x.shape}, weight "
+                         f"{w.shape}), got {gy.shape}")
+    try:
+        want_input, want_weight, want_bias = (bool(m) for m in output_mask)
+    except (TypeError, ValueError):
+        raise TypeError(f"output_mask must be three bools, got {output_mask!r}") from None
+    gy = _for_kernels(gy)
+    grad_input = grad_weight = grad_bias = None
+    if want_input:
+        if p.batch == 0:
+            grad_input = np.zeros(x.shape, dtype)
+        else:
+            grad_input = dispatch.run("conv2d_forward", p, dtype, backend, gy, _for_kernels(w), None)
+            if grad_input.shape != x.shape:
+                grad_input = np.ascontiguousarray(grad_input[:, :, :x.shape[2], :x.shape[3]])
+    if want_weight:
+        grad_weight = (np.zeros(w.shape, dtype) if p.batch == 0 else
+                       dispatch.run("conv2d_backward_weight", p, dtype, backend, _as_grad_output(x, p), gy))
+    if want_bias:
+        grad_bias = gy.sum(axis=(0, 2, 3), dtype=np.float64).astype(dtype)
+    return grad_input, grad_weight, grad_bias
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, *,

@@ -194,6 +194,41 @@ def conv_params(input_shape, weight_shape, stride, padding, dilation, groups) ->
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def conv_transpose_params(input_shape, weight_shape, stride, padding, output_padding, dilation, groups) -> ConvParams:
+    """Validate a transposed convolution (torch.nn.functional.conv_transpose2d: weight (C_in, C_out/groups, KH,
+    KW)) and return the convolution whose input gradient it is: that convolution's input is the transposed
+    one's output, its output the transposed one's input, except where output_padding >= stride (allowed when
+    it is below the dilation), whose output then has rows or columns more, beyond the transposed one's input."""
+    stride = _at_least(_pair(stride, "stride"), 1, "stride")
+    dilation = _at_least(_pair(dilation, "dilation"), 1, "dilation")
+    if isinstance(padding, str):
+        raise ValueError(f"padding must be an int or a pair for a transposed convolution, got {padding!r}")
+    padding = _at_least(_pair(padding, "padding"), 0, "padding")
+    output_padding = _at_least(_pair(output_padding, "output_padding"), 0, "output_padding")
+    for op, s, d in zip(output_padding, stride, dilation):
+        if op >= s and op >= d:
+            raise ValueError(f"output_padding {output_padding} must be smaller than either the stride {stride} "
+                             f"or the dilation {dilation}")
+    if not isinstance(groups, numbers.Integral) or isinstance(groups, bool):
+        raise TypeError(f"groups must be an int, got {groups!r}")
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    n, c_in, h, w = input_shape
+    if weight_shape[0] != c_in:
+        raise ValueError(f"input {input_shape} has {c_in} channels but weight {weight_shape} (C_in, C_out/groups, "
+                         f"KH, KW) expects {weight_shape[0]}")
+    if c_in % groups:
+        raise ValueError(f"input channels {c_in} are not divisible by groups={groups}")
+    size = tuple((i - 1) * s - 2 * p + d * (k - 1) + op + 1 for i, s, p, d, k, op in
+                 zip((h, w), stride, padding, dilation, weight_shape[2:], output_padding))
+    if min(size) < 1 and min(h, w) >= 1:
+        raise ValueError(f"input {input_shape} with weight {weight_shape}, stride {stride}, padding {padding}, "
+                         f"dilation {dilation} and output_padding {output_padding} gives an output of {size}: "
+                         f"too small")
+    return conv_params((n, weight_shape[1] * groups, *size), weight_shape, stride, padding, dilation, groups)
+
+
 @dataclass(frozen=True)
 class PoolParams:
     """A 2-D max-pooling, fully normalized. Pool padding is symmetric: (ph, pw)."""
