@@ -39,13 +39,20 @@ def _from_env():
 
 
 _default = _from_env()
+_chosen_by_user = bool(os.environ.get("FASTCONV_NUM_THREADS"))
 _scoped = threading.local()
 
 
 def set_num_threads(n: int) -> None:
     """Set the process-wide number of threads used by fastconv's kernels."""
-    global _default
-    _default = _check(n, "n")
+    global _default, _chosen_by_user
+    _default, _chosen_by_user = _check(n, "n"), True
+
+
+def is_set() -> bool:
+    """Whether the thread count in force was chosen (FASTCONV_NUM_THREADS, set_num_threads or a `threads`
+    block) rather than defaulted to every usable core: the PyTorch layers follow PyTorch's count otherwise."""
+    return _chosen_by_user or getattr(_scoped, "n", None) is not None
 
 
 def get_num_threads() -> int:
