@@ -51,7 +51,8 @@ def _extensions():
     flags = ["-O3"] + (["-march=native"] if os.environ.get("FASTCONV_MARCH_NATIVE") == "1" else [])
     link = []
     if os.environ.get("FASTCONV_SANITIZE") == "1":  # a checking build: run it with libasan preloaded
-        flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+        flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                 "-fno-sanitize-recover=undefined"]
         link = ["-fsanitize=address,undefined"]
     modules = [
         Extension(f"fastconv.backends._{src.stem}", [str(src.relative_to(HERE))],

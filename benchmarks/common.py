@@ -10,7 +10,8 @@ except ImportError:  # asv discovers benchmarks even where the package failed to
 # benchmarked without touching these files. Names a commit does not have are skipped there.
 KNOWN_BACKENDS = ("naive", "im2col", "numba", "cython")
 KNOWN_ALGORITHMS = ("im2col:gemm", "im2col:rowshift", "im2col:pointwise", "im2col:pool", "numba:direct",
-                    "numba:pool", "cython:direct", "cython:gemm", "cython:pool")
+                    "numba:pool", "cython:direct", "cython:gemm", "cython:winograd", "cython:winograd2",
+                    "cython:pool")
 
 
 def _available():

@@ -4,9 +4,9 @@ that claims them against `naive` in float64 (and PyTorch, where installed, with 
 Each case is drawn from its own seed (printed with every failure: `--seed S --cases 1` replays it). A
 convolution may have groups up to depthwise, strides and dilations up to 4, int, pair, 'same' or 'valid'
 padding, kernels as large as the padded input, 3x3 stride-1 ones (Winograd's), batch 1 and single channels;
-a pooling ceil_mode windows that hang over the edge. Inputs come C-ordered, Fortran-ordered, negatively strided, read-only, as a
-channels-last view, as a slice with a step, or one byte off alignment. Refusals are counted apart; `auto`
-must never refuse.
+a pooling ceil_mode windows that hang over the edge. Inputs come C-ordered, Fortran-ordered, negatively
+strided, read-only, as a channels-last view, as a slice with a step, or one byte off alignment. Refusals are
+counted apart; `auto` must never refuse.
 """
 from __future__ import annotations
 

@@ -72,6 +72,17 @@ def test_report_folder(results, tmp_path):
     assert "|" in render.summary(results) and "auto against the fastest algorithm" in render.summary(results)
 
 
+def test_training_steps_of_pytorch_models(results, tmp_path):
+    pytest.importorskip("torch")
+    from fastconv.report import training
+
+    assert {(r["model"], r["dtype"]) for r in results["training"]} == {
+        (model, dtype) for model in training.MODELS for dtype in ("float32", "float64")}
+    assert all(r["torch_s"] > 0 and r["fastconv_s"] > 0 and r["batch"] == training.BATCH for r in results["training"])
+    render.write(results, tmp_path)
+    assert "## PyTorch models: training steps" in (tmp_path / "report.md").read_text()
+
+
 def test_auto_against_the_fastest_algorithm(results):
     closeness = stats.auto_against_best(results)
     pairs = sum(len(case.ops) for case in TINY_CONVS + TINY_POOLS)

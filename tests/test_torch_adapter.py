@@ -2,7 +2,6 @@
 import copy
 import io
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")

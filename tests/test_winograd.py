@@ -108,7 +108,8 @@ def test_values_a_transform_cannot_carry_give_the_direct_result(algorithm, poiso
         x *= np.float32(3e37)
     else:
         x[1, 3, 5, 6] = float(poison)
-    (y, gx, gw), (exact_y, _, exact_gw) = (_three(x, w, b, gy, name, padding=1) for name in (algorithm, "cython:direct"))
+    (y, gx, gw), (exact_y, _, exact_gw) = (_three(x, w, b, gy, name, padding=1)
+                                           for name in (algorithm, "cython:direct"))
     np.testing.assert_array_equal(y, exact_y)
     np.testing.assert_array_equal(gw, exact_gw)
     assert np.isfinite(gx).all()  # grad_output and the weights are finite: Winograd's own result

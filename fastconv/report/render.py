@@ -155,6 +155,12 @@ def _closeness_text(closeness):
     return prose("closeness", pairs=closeness["pairs"], measured=way("measured"), choice=way("choice"))
 
 
+def _training_table(results):
+    rows = [[r["model"], r["dtype"], r["batch"], f"{r['torch_s'] * 1e3:.2f}", f"{r['fastconv_s'] * 1e3:.2f}",
+             f"{r['torch_s'] / r['fastconv_s']:.2f}"] for r in results["training"]]
+    return ["model", "dtype", "batch", "PyTorch (ms/step)", "fastconv.torch (ms/step)", "speed-up"], rows
+
+
 def _blocks(results, plots):
     """The report as a list of blocks, rendered to both Markdown and HTML:
     ("h1"|"h2"|"p", text), ("table", headers, rows), ("img", file name, title)."""
@@ -196,6 +202,9 @@ def _blocks(results, plots):
                    ("p", prose("scaling", case=results["scaling"][0]["case"], threads=meta["threads"],
                                burst=SCALING_BURST)),
                    ("table", *_scaling_table(results))]
+    if results.get("training"):
+        blocks += [("h2", "PyTorch models: training steps"), ("p", prose("training", threads=meta["threads"])),
+                   ("table", *_training_table(results))]
     if "roofline.png" in plots:
         blocks += [("h2", "Roofline"), ("p", prose("roofline")), ("img", "roofline.png", plots["roofline.png"])]
     blocks += [("h2", "Machine"), ("table", *_machine_table(results)), ("p", prose("raw"))]
