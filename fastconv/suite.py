@@ -106,6 +106,12 @@ POOLS = (
 FLOAT64_CASE = CONVS[1]
 # The batch-1 case: its forward is also measured with 1 thread, for the speed-up of more threads.
 SCALING_CASE = CONVS[9]
+# Transposed convolutions, as a decoder's 2x upsampling: name -> (input shape, output channels, kernel, stride,
+# padding, output_padding).
+TRANSPOSED = {
+    "32x64x16x16->32 3x3 s2 p1 op1": ((32, 64, 16, 16), 32, 3, 2, 1, 1),
+    "8x128x8x8->64 4x4 s2 p1": ((8, 128, 8, 8), 64, 4, 2, 1, 0),
+}
 
 # `--quick`: the quoted case, batch 1, a small LeNet layer (naive runs on it) and the small pooling.
 QUICK_CONVS = (CONVS[1], CONVS[9], CONVS[8])

@@ -9,7 +9,9 @@ model. What fastconv cannot serve runs PyTorch's own code, call by call: CUDA te
 float32 and float64, `padding_mode` other than 'zeros', a double backward (which raises). The thread count is
 PyTorch's (`torch.get_num_threads()`) unless fastconv's own is set (FASTCONV_NUM_THREADS, set_num_threads,
 `with fastconv.threads(n)`). Under `torch.no_grad()` or when nothing requires a gradient, the layers call
-fastconv directly and keep nothing for a backward.
+fastconv directly and keep nothing for a backward. Under `torch.compile` the layers' forwards are left out
+of the compiled graph (torch.compiler.disable: a graph break at each, the layer run as it is); the rest of
+the model is compiled.
 """
 from __future__ import annotations
 
@@ -140,6 +142,7 @@ class Conv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         self.fastconv_backend = backend
 
+    @torch.compiler.disable
     def forward(self, input):
         if why_not(self, input, self.weight, self.bias) is not None:
             return super().forward(input)
@@ -160,6 +163,7 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         super().__init__(*args, **kwargs)
         self.fastconv_backend = backend
 
+    @torch.compiler.disable
     def forward(self, input, output_size=None):
         if why_not(self, input, self.weight, self.bias) is not None:
             return super().forward(input, output_size)
@@ -183,6 +187,7 @@ class MaxPool2d(nn.MaxPool2d):
         super().__init__(*args, **kwargs)
         self.fastconv_backend = backend
 
+    @torch.compiler.disable
     def forward(self, input):
         if why_not(self, input) is not None:
             return super().forward(input)

@@ -83,6 +83,14 @@ def test_training_steps_of_pytorch_models(results, tmp_path):
     assert "## PyTorch models: training steps" in (tmp_path / "report.md").read_text()
 
 
+def test_transposed_convolutions(results, tmp_path):
+    assert {(r["case"], r["op"]) for r in results["transposed"]} == {
+        (case, op) for case in suite.TRANSPOSED for op in ("forward", "grad input", "grad weight")}
+    assert {"auto", "cython"} <= {r["side"] for r in results["transposed"]}
+    render.write(results, tmp_path)
+    assert "## conv_transpose2d" in (tmp_path / "report.md").read_text()
+
+
 def test_auto_against_the_fastest_algorithm(results):
     closeness = stats.auto_against_best(results)
     pairs = sum(len(case.ops) for case in TINY_CONVS + TINY_POOLS)

@@ -148,3 +148,16 @@ def test_what_fastconv_cannot_serve_runs_pytorch():
     conv.float(), reference.float()
     channels_last = x.to(memory_format=torch.channels_last)
     assert torch.allclose(conv(channels_last), reference(x), rtol=1e-5, atol=1e-6)
+
+
+def test_under_torch_compile_the_layers_run_as_they_are():
+    conv = ft.convert(torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2)))
+    x = torch.randn(2, 2, 8, 8, requires_grad=True)
+    try:
+        compiled = torch.compile(conv)
+        out = compiled(x)
+    except Exception as error:  # no compiler for inductor here: nothing of fastconv's to test
+        pytest.skip(f"torch.compile does not run here: {error}")
+    assert torch.equal(out, conv(x))
+    out.sum().backward()
+    assert x.grad is not None and conv[0].weight.grad is not None

@@ -20,7 +20,7 @@ import fastconv
 
 from .. import _sysinfo, autotune, dispatch, suite
 from .._measure import GEMM_SIZE, copy_bandwidth, gemm_call, gemm_rate, rel_err, time_calls
-from . import training
+from . import training, transposed
 
 # Freed buffers go back to the heap and are reused, instead of fresh pages faulted in on every large
 # allocation: the kernels are measured, not the allocator. glibc reads this at start-up.
@@ -212,6 +212,7 @@ def collect(convs, pools, threads, budget=0.3, min_repeats=3, with_torch=True, p
         scaling = (thread_scaling(suite.SCALING_CASE, sides, threads, budget, min_repeats)
                    if threads > 1 and suite.SCALING_CASE in convs else [])
         steps = training.measure(torch, budget, min_repeats) if torch is not None else []
+        transposed_rows = transposed.measure(torch, budget, min_repeats, TURN_CALLS)
         # Measured again at the end, the higher kept: load from elsewhere only ever lowers a ceiling.
         after = _ceilings(threads, budget)
         if torch is not None:
@@ -238,6 +239,7 @@ def collect(convs, pools, threads, budget=0.3, min_repeats=3, with_torch=True, p
         "rows": rows,
         "scaling": scaling,
         "training": steps,
+        "transposed": transposed_rows,
     }
 
 

@@ -155,6 +155,24 @@ def _closeness_text(closeness):
     return prose("closeness", pairs=closeness["pairs"], measured=way("measured"), choice=way("choice"))
 
 
+def _transposed_table(results):
+    rows, sides = {}, []
+    for r in results["transposed"]:
+        rows.setdefault((r["case"], r["op"]), {})[r["side"]] = r
+        if r["side"] not in sides:
+            sides.append(r["side"])
+    table = []
+    for (case, op), by_side in rows.items():
+        torch = by_side.get("torch")
+        cells = []
+        for side in sides:
+            r = by_side.get(side)
+            ratio = f" (x{torch['median_s'] / r['median_s']:.2f})" if torch and side != "torch" and r else ""
+            cells.append(f"{r['median_s'] * 1e3:.2f}, {r['gflops']:.0f}{ratio}" if r else "")
+        table.append([case, op, *cells])
+    return ["case", "op", *[f"{side} (ms, GFLOP/s)" for side in sides]], table
+
+
 def _training_table(results):
     rows = [[r["model"], r["dtype"], r["batch"], f"{r['torch_s'] * 1e3:.2f}", f"{r['fastconv_s'] * 1e3:.2f}",
              f"{r['torch_s'] / r['fastconv_s']:.2f}"] for r in results["training"]]
@@ -202,6 +220,8 @@ def _blocks(results, plots):
                    ("p", prose("scaling", case=results["scaling"][0]["case"], threads=meta["threads"],
                                burst=SCALING_BURST)),
                    ("table", *_scaling_table(results))]
+    if results.get("transposed"):
+        blocks += [("h2", "conv_transpose2d"), ("p", prose("transposed")), ("table", *_transposed_table(results))]
     if results.get("training"):
         blocks += [("h2", "PyTorch models: training steps"), ("p", prose("training", threads=meta["threads"])),
                    ("table", *_training_table(results))]
