@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -119,7 +120,7 @@ def test_no_candidate_always_follows_the_same_one():
 
     sequence = []
     calls = {name: (lambda name=name: sequence.append(name)) for name in "abcd"}
-    autotune.race(calls, cap=10, min_rounds=3, max_rounds=40, tie=-1)
+    autotune.race(calls, cap=10, min_rounds=3, max_rounds=40, tie=-1, margin=float("inf"), far_behind=float("inf"))
     time_calls(calls, budget=1, min_repeats=1, max_repeats=40)
     for timed in (sequence[4:164], sequence[168:]):  # the warm-up calls left out
         predecessors = {}
@@ -263,3 +264,18 @@ def test_a_backend_name_keeps_its_bitwise_promise_while_measuring(measuring):
             results.append(fastconv.conv2d_backward(gy, x, w, padding=1, output_mask=(False, True, False),
                                                     backend="cython")[1])
     np.testing.assert_array_equal(*results)
+
+
+def test_a_far_slower_candidate_leaves_after_one_round_and_does_not_eat_the_others_time():
+    calls = {"slow": 0, "a": 0, "b": 0}
+
+    def call(name, seconds):
+        calls[name] += 1
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    autotune.race({"slow": lambda: call("slow", 0.05), "a": lambda: call("a", 0.002),
+                   "b": lambda: call("b", 0.0021)}, cap=0.2, tie=-1)
+    assert calls["slow"] == 2  # the warm-up and one round
+    assert calls["a"] > 20  # the cap was theirs: 0.2 s of calls of 2 ms
