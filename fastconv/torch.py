@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import api
+from .params import pool_params
 from .threads import is_set as _threads_chosen
 from .threads import threads as _threads_scope
 
@@ -65,6 +66,12 @@ def why_not(layer, *tensors):
             return f"a {t.dim()}-D input (fastconv takes NCHW batches)"
     if len({t.dtype for t in tensors if t is not None}) > 1:
         return "mixed dtypes"
+    if isinstance(layer, nn.MaxPool2d) and tensors:
+        try:  # a window wholly in padding: PyTorch pools it to -inf, fastconv refuses it
+            pool_params(tuple(tensors[0].shape), layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                        layer.ceil_mode)
+        except (ValueError, TypeError) as error:
+            return str(error)
     return None
 
 

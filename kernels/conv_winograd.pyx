@@ -14,7 +14,7 @@ import numpy as np
 from cython cimport floating
 from libc.stddef cimport ptrdiff_t
 
-from conv_common cimport MIN_UNITS, ceil_div
+from conv_common cimport MIN_UNITS, bias_pointer, ceil_div
 
 cdef extern from "winograd.h" nogil:
     ctypedef struct wino_shape:
@@ -151,7 +151,7 @@ cdef bint convolve(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
 def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, const floating[::1] bias,
             floating[:, :, :, ::1] y, p, int m, int threads):
     """y = conv2d(x, w) + bias (bias may be None); False where a value was not finite."""
-    return convolve(x, w, NULL if bias is None else &bias[0], y, p, m, False, threads)
+    return convolve(x, w, bias_pointer(bias), y, p, m, False, threads)
 
 
 def backward_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] w, floating[:, :, :, ::1] gx,

@@ -9,7 +9,7 @@
  *     V[p][t][c]  the transformed input tiles, channels contiguous (c < c_pad);
  *     D[p][k][t]  the gradient's tiles transformed by A dY A^T (k < k_pad: rows past out_channels stay zero).
  * Transforms are vectorised over WT_LANES tiles (or channels): each tile is first gathered, with the zeros of
- * the padding, into a small scratch buffer S, so edge tiles need no padded copy of the input. Every value a
+ * the padding, into small scratch buffers (Q, then S), so edge tiles need no padded copy of the input. Every value a
  * transform writes is checked (x * 0 is NaN for an inf or a NaN), and a call says when one was not finite.
  * WT_MICRO names the micro-kernels (WT_MICRO_1 .. _3 by vectors per row) and WT_MR their rows. */
 #define WT_NAME(name) MICRO_PASTE(MICRO_PASTE(name, _), WT_SUFFIX)
@@ -35,14 +35,13 @@ WT_ALWAYS void WT_NAME(gather_window)(const WT_T *plane, int height, int width, 
         return;
     }
     for (int i = 0; i < size; i++) {
-        const WT_T *src = plane + (ptrdiff_t)(r0 + i) * width + c0;
-        if (i >= i0 && i < i1 && j0 == 0 && j1 == size) {  /* constant sizes: copied inline */
-            memcpy(Q + i * 8, src, size * sizeof(WT_T));
+        int inside = i >= i0 && i < i1;
+        if (inside && j0 == 0 && j1 == size) {  /* constant sizes: copied inline */
+            memcpy(Q + i * 8, plane + (ptrdiff_t)(r0 + i) * width + c0, size * sizeof(WT_T));
             continue;
         }
         memset(Q + i * 8, 0, size * sizeof(WT_T));
-        if (i >= i0 && i < i1)
-            for (int j = j0; j < j1; j++) Q[i * 8 + j] = src[j];
+        for (int j = j0; inside && j < j1; j++) Q[i * 8 + j] = plane[(ptrdiff_t)(r0 + i) * width + c0 + j];
     }
 }
 

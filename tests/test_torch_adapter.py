@@ -161,3 +161,10 @@ def test_under_torch_compile_the_layers_run_as_they_are():
     assert torch.equal(out, conv(x))
     out.sum().backward()
     assert x.grad is not None and conv[0].weight.grad is not None
+
+
+def test_a_pooling_fastconv_refuses_runs_pytorch():
+    """A window wholly in padding: PyTorch pools it to -inf, fastconv refuses it; the layer runs PyTorch."""
+    pool, x = ft.MaxPool2d(2, stride=1, padding=1, dilation=3), torch.randn(1, 1, 2, 2)
+    assert "only padding" in ft.why_not(pool, x)
+    assert torch.equal(pool(x), torch.nn.functional.max_pool2d(x, 2, 1, 1, 3))
