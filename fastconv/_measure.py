@@ -63,42 +63,47 @@ def _done(times, budget, min_repeats, max_repeats):
     return len(times) >= max_repeats or (spent >= budget and (len(times) >= min_repeats or spent >= 4 * budget))
 
 
-def race(calls, cap=1.0, min_rounds=3, max_rounds=200, margin=1.25, tie=0.03, far_behind=4.0):
+def race(calls, cap=1.0, min_rounds=3, max_rounds=200, margin=1.25, tie=0.03, far_behind=4.0, turn=2):
     """Which of several no-argument functions (a dict name -> function) is fastest: each is called once to
     warm up (not timed), then all take turns in rounds, in a new order each round (_round_order), so that a
-    change of load hits all of them alike. A function whose call is `far_behind` x slower than the leader's
-    fastest is dropped after the first round, and after min_rounds one whose fastest call is slower than
-    `margin` x the median of the leader. The race ends when one is left, when those left are within `tie`
-    of each other after 2 x min_rounds and a quarter of `cap` (short calls look tied by chance after a few
-    rounds), after max_rounds, or after `cap` seconds of timed calls of the functions still racing (a slow
-    one dropped does not eat the others' rounds), but not before min_rounds, unless the calls took twice
-    that: slow calls stop after a few.
+    change of load hits all of them alike. A turn is `turn` calls of which the last is timed: the first pays
+    for what the function before left behind (threads asleep to wake, another library's spinning), which a
+    loop of calls does not see. A function whose fastest call is `far_behind` x slower than the leader's
+    fastest is dropped after two rounds, and after min_rounds one whose fastest call is slower than `margin` x
+    the median of the leader. The race ends when one is left, when those left are within `tie` of each other
+    after 2 x min_rounds and a quarter of `cap` (short calls look tied by chance after a few rounds), after
+    max_rounds, or after `cap` seconds of the calls of the functions still racing (a slow one dropped does
+    not eat the others' rounds), but not before min_rounds, unless the calls took twice that: slow calls stop
+    after a few.
     Returns ({name: median seconds} of every function that ran, the name of the fastest median among those
     left); a function that raises is left out (if all raise, the first error is raised)."""
-    errors, times = {}, {}
+    errors, times, spent_on = {}, {}, {}
     for name, fn in calls.items():
         try:
             fn()
         except Exception as error:  # the others go on; reported only if none of them runs
             errors[name] = error
             continue
-        times[name] = []
+        times[name], spent_on[name] = [], 0.0
     if not times:
         raise next(iter(errors.values()))
     left, rounds, order = list(times), 0, _round_order()
     while True:
         for name in order(left):
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(turn):
+                start = time.perf_counter()
+                calls[name]()
+                elapsed = time.perf_counter() - start
+                spent_on[name] += elapsed
+            times[name].append(elapsed)
         rounds += 1
         medians = {name: statistics.median(times[name]) for name in left}
         leader = min(medians, key=medians.get)
-        if rounds == 1:
+        if rounds == 2:
             left = [name for name in left if min(times[name]) <= far_behind * min(times[leader])]
         if rounds >= min_rounds:
             left = [name for name in left if min(times[name]) <= margin * medians[leader]]
-        spent = sum(sum(times[name]) for name in left)
+        spent = sum(spent_on[name] for name in left)
         tied = (rounds >= 2 * min_rounds and spent >= cap / 4
                 and max(medians[n] for n in left) <= (1 + tie) * medians[leader])
         out_of_time = spent >= cap and (rounds >= min_rounds or spent >= 2 * cap)
