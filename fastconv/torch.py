@@ -53,8 +53,6 @@ def why_not(layer, *tensors):
     """None if fastconv serves this layer on these tensors, else why PyTorch's own code runs."""
     if getattr(layer, "padding_mode", "zeros") != "zeros":
         return f"padding_mode={layer.padding_mode!r} (fastconv pads with zeros only)"
-    if isinstance(getattr(layer, "padding", 0), str) and isinstance(layer, nn.ConvTranspose2d):
-        return "string padding"
     for t in tensors:
         if t is None:
             continue
@@ -62,8 +60,8 @@ def why_not(layer, *tensors):
             return f"a {t.device.type} tensor (fastconv runs on the CPU)"
         if t.dtype not in _DTYPES:
             return f"dtype {t.dtype} (fastconv runs float32 and float64)"
-        if t.dim() != 4 and t.dim() != 1 and t is tensors[0]:
-            return f"a {t.dim()}-D input (fastconv takes NCHW batches)"
+    if tensors and tensors[0].dim() != 4:
+        return f"a {tensors[0].dim()}-D input (fastconv takes NCHW batches)"
     if len({t.dtype for t in tensors if t is not None}) > 1:
         return "mixed dtypes"
     if isinstance(layer, nn.MaxPool2d) and tensors:

@@ -168,3 +168,9 @@ def test_a_pooling_fastconv_refuses_runs_pytorch():
     pool, x = ft.MaxPool2d(2, stride=1, padding=1, dilation=3), torch.randn(1, 1, 2, 2)
     assert "only padding" in ft.why_not(pool, x)
     assert torch.equal(pool(x), torch.nn.functional.max_pool2d(x, 2, 1, 1, 3))
+
+
+def test_an_unbatched_input_runs_pytorch():
+    conv, x = ft.Conv2d(2, 3, 3), torch.randn(2, 6, 6)
+    assert "3-D input" in ft.why_not(conv, x)
+    assert conv(x).shape == (3, 4, 4)
