@@ -70,10 +70,7 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
             f"grad_output must have the output's shape {p.output_shape} (input {x.shape}, weight {w.shape}), "
             f"got {gy.shape}"
         )
-    try:
-        want_input, want_weight, want_bias = (bool(m) for m in output_mask)
-    except (TypeError, ValueError):
-        raise TypeError(f"output_mask must be three bools, got {output_mask!r}") from None
+    want_input, want_weight, want_bias = _output_mask(output_mask)
     gy = _for_kernels(gy)
     grad_input = grad_weight = grad_bias = None
     if want_input:
@@ -86,6 +83,15 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
         # Summed in float64: N*H_out*W_out terms per channel is a long float32 sum.
         grad_bias = gy.sum(axis=(0, 2, 3), dtype=np.float64).astype(dtype)
     return grad_input, grad_weight, grad_bias
+
+
+def _output_mask(output_mask):
+    """(input, weight, bias): which gradients a backward computes."""
+    try:
+        want_input, want_weight, want_bias = (bool(m) for m in output_mask)
+    except (TypeError, ValueError):
+        raise TypeError(f"output_mask must be three bools, got {output_mask!r}") from None
+    return want_input, want_weight, want_bias
 
 
 def _input_gradient(gy, w, p, dtype, backend):
@@ -161,10 +167,7 @@ def conv_transpose2d_backward(grad_output, input, weight, stride=1, padding=0, o
     if gy.shape != p.input_shape:
         raise ValueError(f"grad_output must have the output's shape {p.input_shape} (input {x.shape}, weight "
                          f"{w.shape}), got {gy.shape}")
-    try:
-        want_input, want_weight, want_bias = (bool(m) for m in output_mask)
-    except (TypeError, ValueError):
-        raise TypeError(f"output_mask must be three bools, got {output_mask!r}") from None
+    want_input, want_weight, want_bias = _output_mask(output_mask)
     gy = _for_kernels(gy)
     grad_input = grad_weight = grad_bias = None
     if want_input:
