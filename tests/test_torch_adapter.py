@@ -1,5 +1,6 @@
 """fastconv.torch: the PyTorch layers on fastconv's kernels, against PyTorch's own, and convert()."""
 import copy
+import importlib
 import io
 
 import pytest
@@ -119,6 +120,7 @@ def test_no_grad_keeps_nothing_and_a_double_backward_raises():
 
 
 def test_threads_follow_pytorch_unless_fastconv_is_set(monkeypatch):
+    monkeypatch.setattr(importlib.import_module("fastconv.threads"), "_chosen_by_user", False)  # as at start
     seen = []
     original = ft.api.conv2d
     monkeypatch.setattr(ft.api, "conv2d", lambda *a, **k: seen.append(fastconv.get_num_threads()) or original(*a, **k))
