@@ -144,16 +144,18 @@ def _save(key, name):
         _warn_once(path, f"cannot write the auto cache: {error}")
 
 
-def _key(op, params, dtype, requested, per_thread_count) -> str:
+def _key(op, params, dtype, requested, candidates, per_thread_count) -> str:
+    """A choice's key: the call, and the candidates it was chosen among (a choice made before an algorithm
+    existed says nothing about it: a new algorithm is measured, whatever the version string says)."""
     threads = get_num_threads() if per_thread_count else "any"
-    return f"{op}|{dtype}|{requested}|threads={threads}|{params!r}"
+    return f"{op}|{dtype}|{requested}|threads={threads}|among={','.join(sorted(candidates))}|{params!r}"
 
 
 def choose(op, params, dtype, requested, candidates, trial, per_thread_count=True):
     """The fastest of `candidates` (algorithm names, in the fixed order) for this call: remembered, or raced
     now with trial(name), which runs the call with that algorithm. Returns (name, "remembered" or
     "measured", {name: median seconds} or None)."""
-    key = _key(op, params, dtype, requested, per_thread_count)
+    key = _key(op, params, dtype, requested, candidates, per_thread_count)
     with _lock:
         choices = remembered()
         name = choices.get(key)

@@ -296,3 +296,12 @@ def test_a_turn_times_only_its_last_call():
 
     medians, winner = autotune.race({"a": lambda: call("a", 0.001), "b": lambda: call("b", 0.002)}, cap=0.3)
     assert winner == "a" and medians["a"] < 0.005
+
+
+def test_a_new_algorithm_is_measured_though_an_old_choice_is_remembered(measuring, races):
+    """A choice made among fewer candidates (before an algorithm existed, same version string) is not
+    reused: the call is measured again among all of them."""
+    name, how, _ = autotune.choose("conv2d_forward", "p", "float32", "auto", ("a", "b"), lambda n: None)
+    assert how == "measured"
+    assert autotune.choose("conv2d_forward", "p", "float32", "auto", ("a", "b"), lambda n: None)[1] == "remembered"
+    assert autotune.choose("conv2d_forward", "p", "float32", "auto", ("a", "b", "c"), lambda n: None)[1] == "measured"
