@@ -77,13 +77,16 @@ def _needs_graph(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-class _Conv2dFunction(torch.autograd.Function):
+class _ConvFunction(torch.autograd.Function):
+    """A convolution's forward and backward through fastconv: `ops` is the pair of API functions (forward,
+    backward), `conv` their keyword arguments."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, conv, backend):
+    def forward(ctx, x, weight, bias, ops, conv, backend):
         with _torch_threads():
-            y = api.conv2d(_numpy(x), _numpy(weight), _numpy(bias), **conv, backend=backend)
+            y = ops[0](_numpy(x), _numpy(weight), _numpy(bias), **conv, backend=backend)
         ctx.save_for_backward(x, weight)
-        ctx.conv, ctx.backend, ctx.has_bias = conv, backend, bias is not None
+        ctx.ops, ctx.conv, ctx.backend, ctx.has_bias = ops, conv, backend, bias is not None
         return _tensor(y)
 
     @staticmethod
@@ -92,29 +95,27 @@ class _Conv2dFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
         with _torch_threads():
-            gx, gw, gb = api.conv2d_backward(_numpy(grad.contiguous()), _numpy(x), _numpy(weight), **ctx.conv,
-                                             output_mask=mask, backend=ctx.backend)
-        return _tensor(gx), _tensor(gw), _tensor(gb), None, None
+            gx, gw, gb = ctx.ops[1](_numpy(grad.contiguous()), _numpy(x), _numpy(weight), **ctx.conv,
+                                    output_mask=mask, backend=ctx.backend)
+        return _tensor(gx), _tensor(gw), _tensor(gb), None, None, None
 
 
-class _ConvTranspose2dFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, conv, backend):
+class _Conv2dFunction(_ConvFunction):
+    pass
+
+
+class _ConvTranspose2dFunction(_ConvFunction):
+    pass
+
+
+def _convolve(layer, input, function, ops, conv):
+    """A convolution layer's forward on fastconv: straight through the API where no graph is recorded (nothing
+    kept for a backward), else through its autograd Function."""
+    if not _needs_graph(input, layer.weight, layer.bias):
         with _torch_threads():
-            y = api.conv_transpose2d(_numpy(x), _numpy(weight), _numpy(bias), **conv, backend=backend)
-        ctx.save_for_backward(x, weight)
-        ctx.conv, ctx.backend, ctx.has_bias = conv, backend, bias is not None
-        return _tensor(y)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
-        with _torch_threads():
-            gx, gw, gb = api.conv_transpose2d_backward(_numpy(grad.contiguous()), _numpy(x), _numpy(weight),
-                                                       **ctx.conv, output_mask=mask, backend=ctx.backend)
-        return _tensor(gx), _tensor(gw), _tensor(gb), None, None
+            return _tensor(ops[0](_numpy(input), _numpy(layer.weight), _numpy(layer.bias), **conv,
+                                  backend=layer.fastconv_backend))
+    return function.apply(input, layer.weight, layer.bias, ops, conv, layer.fastconv_backend)
 
 
 class _MaxPool2dFunction(torch.autograd.Function):
@@ -152,11 +153,7 @@ class Conv2d(nn.Conv2d):
         if why_not(self, input, self.weight, self.bias) is not None:
             return super().forward(input)
         conv = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
-        if not _needs_graph(input, self.weight, self.bias):
-            with _torch_threads():
-                return _tensor(api.conv2d(_numpy(input), _numpy(self.weight), _numpy(self.bias), **conv,
-                                          backend=self.fastconv_backend))
-        return _Conv2dFunction.apply(input, self.weight, self.bias, conv, self.fastconv_backend)
+        return _convolve(self, input, _Conv2dFunction, (api.conv2d, api.conv2d_backward), conv)
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):
@@ -176,11 +173,8 @@ class ConvTranspose2d(nn.ConvTranspose2d):
                                               2, self.dilation)
         conv = dict(stride=self.stride, padding=self.padding, output_padding=tuple(output_padding),
                     groups=self.groups, dilation=self.dilation)
-        if not _needs_graph(input, self.weight, self.bias):
-            with _torch_threads():
-                return _tensor(api.conv_transpose2d(_numpy(input), _numpy(self.weight), _numpy(self.bias), **conv,
-                                                    backend=self.fastconv_backend))
-        return _ConvTranspose2dFunction.apply(input, self.weight, self.bias, conv, self.fastconv_backend)
+        return _convolve(self, input, _ConvTranspose2dFunction, (api.conv_transpose2d, api.conv_transpose2d_backward),
+                         conv)
 
 
 class MaxPool2d(nn.MaxPool2d):
