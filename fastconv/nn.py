@@ -20,10 +20,17 @@ def _he_normal(rng, shape, fan_in, dtype):
 
 
 class Layer:
-    """The base of every layer: no parameters unless a subclass has some."""
+    """The base of every layer: no parameters unless a subclass has some. `predict(x)` is the forward for
+    inference: it keeps nothing, so one layer may serve several threads at once. A pickled layer carries its
+    parameters, not what its last forward kept for the backward (`_kept`)."""
+
+    _kept = ()
 
     def params(self):
         return []
+
+    def __getstate__(self):
+        return {key: value for key, value in self.__dict__.items() if key not in self._kept}
 
 
 class Conv2d(Layer):
@@ -38,9 +45,14 @@ class Conv2d(Layer):
         self.weight_grad, self.bias_grad = np.zeros_like(self.weight), np.zeros_like(self.bias)
         self.stride, self.padding, self.backend = stride, padding, backend
 
+    _kept = ("input",)
+
+    def predict(self, x):
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding, backend=self.backend)
+
     def forward(self, x):
         self.input = x
-        return conv2d(x, self.weight, self.bias, self.stride, self.padding, backend=self.backend)
+        return self.predict(x)
 
     def backward(self, grad, input_grad=True):
         grad_input, self.weight_grad[...], self.bias_grad[...] = conv2d_backward(
@@ -58,6 +70,11 @@ class MaxPool2d(Layer):
     def __init__(self, kernel_size, stride=None, *, backend=None):
         self.kernel_size, self.stride, self.backend = kernel_size, stride, backend
 
+    _kept = ("input_shape", "indices")
+
+    def predict(self, x):
+        return max_pool2d(x, self.kernel_size, self.stride, backend=self.backend)
+
     def forward(self, x):
         self.input_shape = x.shape
         y, self.indices = max_pool2d(x, self.kernel_size, self.stride, return_indices=True, backend=self.backend)
@@ -70,6 +87,11 @@ class MaxPool2d(Layer):
 class ReLU(Layer):
     """max(x, 0); the gradient passes where the input was positive."""
 
+    _kept = ("positive",)
+
+    def predict(self, x):
+        return x * (x > 0)
+
     def forward(self, x):
         self.positive = x > 0
         return x * self.positive
@@ -80,6 +102,11 @@ class ReLU(Layer):
 
 class Flatten(Layer):
     """(N, ...) -> (N, features)."""
+
+    _kept = ("input_shape",)
+
+    def predict(self, x):
+        return x.reshape(len(x), -1)
 
     def forward(self, x):
         self.input_shape = x.shape
@@ -98,9 +125,14 @@ class Linear(Layer):
         self.bias = np.zeros(out_features, dtype)
         self.weight_grad, self.bias_grad = np.zeros_like(self.weight), np.zeros_like(self.bias)
 
+    _kept = ("input",)
+
+    def predict(self, x):
+        return x @ self.weight.T + self.bias
+
     def forward(self, x):
         self.input = x
-        return x @ self.weight.T + self.bias
+        return self.predict(x)
 
     def backward(self, grad, input_grad=True):
         np.matmul(grad.T, self.input, out=self.weight_grad)
@@ -116,6 +148,16 @@ class Sequential(Layer):
 
     def __init__(self, *layers):
         self.layers = list(layers)
+
+    def predict(self, x):
+        """The layers' predict in order; a dask.array runs as fastconv.dask.predict (one task per chunk)."""
+        if type(x).__module__.startswith("dask."):
+            from . import dask
+
+            return dask.predict(self, x)
+        for layer in self.layers:
+            x = layer.predict(x)
+        return x
 
     def forward(self, x):
         for layer in self.layers:
