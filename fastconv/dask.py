@@ -15,11 +15,15 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
-import dask.array as da
 import numpy as np
-from dask.base import tokenize
-from dask.core import flatten
-from dask.highlevelgraph import HighLevelGraph
+
+try:
+    import dask.array as da
+    from dask.base import tokenize
+    from dask.core import flatten
+    from dask.highlevelgraph import HighLevelGraph
+except ImportError as error:  # an optional extra
+    raise ImportError(f"fastconv.dask needs Dask: pip install 'fastconv[dask]' ({error})") from error
 
 from . import api
 from .params import (
@@ -104,7 +108,8 @@ def _check_channels(array, name):
 
 
 def _constant(value, prefix):
-    """A weight or bias as one graph key: (key, the graph holding it). A dask.array is made one chunk."""
+    """A weight or bias as one graph key: (key, the layer holding it, the collections it depends on).
+    A dask.array is made one chunk."""
     if value is None:
         return None, {}, []
     if isinstance(value, da.Array):
@@ -122,14 +127,14 @@ def _aligned(array, like):
 
 # ---- tasks (module-level functions: they travel to the workers by name) ------------------------------------
 
-def _region_task(array, batch_block, rows, cols, fill, size=None):
+def _region_task(array, batch_block, rows, cols, fill):
     """A task assembling rows x cols ([lo, hi) pairs, which may reach outside the plane) of `array`'s batch
-    block from the blocks that cover them, `fill` outside the plane (`size` (H, W), the array's unless given)."""
-    size = size or array.shape[2:]
+    block from the blocks that cover them, `fill` outside the plane."""
+    size = array.shape[2:]
     picks = []
     for (lo, hi), n, chunks in zip((rows, cols), size, array.chunks[2:]):
         bounds = _bounds(chunks)
-        inside = (max(lo, 0), min(hi, n, bounds[-1]))
+        inside = (max(lo, 0), min(hi, n))
         blocks = [i for i in range(len(chunks)) if bounds[i] < inside[1] and bounds[i + 1] > inside[0]]
         picks.append((blocks, bounds[blocks[0]] if blocks else 0))
     (row_blocks, row0), (col_blocks, col0) = picks
@@ -267,9 +272,10 @@ def _windowed(name, source, axes, out_bounds, call, layer, dependencies, chunks,
     return _array(name, layer, [source, *dependencies], chunks, dtype)
 
 
-def _input_gradient(name, gy, axes, target_bounds, gy_size, w_key, p, backend, layer, dependencies, b_key=None):
+def _input_gradient(name, gy, axes, target_bounds, w_key, p, backend, layer, dependencies, b_key=None):
     """conv2d's input gradient for the input chunks `target_bounds` (per axis), each block from the
-    grad_output rows whose windows reach it; gy reads as zeros beyond gy_size (H, W)."""
+    grad_output rows whose windows reach it; gy reads as zeros beyond its own extent (a transposed
+    convolution's input can be shorter than the grad_output it stands for)."""
     layer = dict(layer)
     for ib in range(len(gy.chunks[0])):
         for ih in range(len(target_bounds[0]) - 1):
@@ -293,7 +299,7 @@ def _input_gradient(name, gy, axes, target_bounds, gy_size, w_key, p, backend, l
                 target = (p.in_channels, target_bounds[0][ih + 1] - target_bounds[0][ih],
                           target_bounds[1][iw + 1] - target_bounds[1][iw])
                 layer[(name, ib, 0, ih, iw)] = (
-                    _input_grad_block, _region_task(gy, ib, *spans, 0, size=gy_size), w_key, tuple(regions),
+                    _input_grad_block, _region_task(gy, ib, *spans, 0), w_key, tuple(regions),
                     tuple(pads), tuple(crops), target, p.stride, p.dilation, p.groups, backend, b_key)
     chunks = (gy.chunks[0], (p.in_channels,), _sizes(target_bounds[0]), _sizes(target_bounds[1]))
     return _array(name, layer, [gy, *dependencies], chunks, gy.dtype)
@@ -377,8 +383,8 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     if want_input:
         w_key, w_layer, w_deps = _constant(w, "fastconv-weight")
         target = (_bounds(x.chunks[2]), _bounds(x.chunks[3]))
-        grad_input = _input_gradient("fastconv-conv2d-grad-input-" + token, gy, _conv_axes(p), target,
-                                     gy.shape[2:], w_key, p, backend, w_layer, w_deps)
+        grad_input = _input_gradient("fastconv-conv2d-grad-input-" + token, gy, _conv_axes(p), target, w_key, p,
+                                     backend, w_layer, w_deps)
     if want_weight:
         grad_weight = _weight_gradient("fastconv-conv2d-grad-weight-" + token, gy, x, _conv_axes(p), p, backend,
                                        split_every)
@@ -405,8 +411,7 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     w_key, w_layer, w_deps = _constant(w, "fastconv-weight")
     b_key, b_layer, b_deps = _constant(b, "fastconv-bias")
     name = "fastconv-conv-transpose2d-" + tokenize(x.name, w, b, p, backend)
-    return _input_gradient(name, x, axes, target, x.shape[2:], w_key, p, backend, {**w_layer, **b_layer},
-                           w_deps + b_deps, b_key)
+    return _input_gradient(name, x, axes, target, w_key, p, backend, {**w_layer, **b_layer}, w_deps + b_deps, b_key)
 
 
 def conv_transpose2d_backward(grad_output, input, weight, stride=1, padding=0, output_padding=0, groups=1,
