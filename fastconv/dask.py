@@ -12,6 +12,7 @@ else 1, as Dask's own workers set OMP_NUM_THREADS=1: the worker's threads are th
 """
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass
 
@@ -508,3 +509,113 @@ def predict(model, x):
     for ib in range(len(x.chunks[0])):
         layer[(name, ib, *(0,) * (sample.ndim - 1))] = (_predict_block, model_key, (x.name, ib, 0, 0, 0))
     return _array(name, layer, [x], (x.chunks[0], *((n,) for n in sample.shape[1:])), sample.dtype)
+
+
+# ---- data-parallel training ---------------------------------------------------------------------------------
+
+def fit(model, x, y, *, client=None, epochs, batch_size, lr, momentum=0.9, weight_decay=5e-4, seed=0,
+        validation=None, progress=True, log=print, callback=None, split_every=8):
+    """Data-parallel SGD of a fastconv.nn model on a Dask cluster: fastconv.train.fit's loop (the same
+    batches, learning-rate schedule, momentum and weight decay, the same progress lines), each step's
+    gradients computed by the workers on the shards of the batch they hold, summed by a tree of fixed shape
+    (`split_every` shares per node) and applied once here; the new weights go out with the next step.
+
+    x (N, C, H, W) and y (N,) integer labels: dask.arrays (the shards are x's batch chunks) or NumPy arrays
+    (cut into one shard per worker). They are persisted on the cluster once; a shard whose worker is lost is
+    recomputed from its graph on the workers left, and training goes on to the same result. validation:
+    (x_test, y_test) NumPy arrays evaluated here after every epoch. client: distributed's default client
+    unless given. Returns fastconv.train.fit's history; the model holds the trained weights."""
+    from distributed import default_client, futures_of, wait
+
+    from . import train
+
+    client = client or default_client()
+    x, y = _shards(x, y, len(client.scheduler_info()["workers"]))
+    x, y = client.persist([x, y])
+    wait([x, y])
+    steps = _ClusterSteps(client, model, x, y, split_every, futures_of)
+    x_test, y_test = validation if validation is not None else (None, None)
+    return train.fit(model, (x, y, x_test, y_test), epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                     weight_decay=weight_decay, seed=seed, progress=progress, log=log, step=steps, callback=callback)
+
+
+def _shards(x, y, workers):
+    """The training arrays as dask.arrays with the same batch chunks (x's, or one per worker for NumPy
+    arrays), each NumPy chunk its own graph key: the graph holds the data, so a lost chunk can be rebuilt."""
+    check_4d(x, "x", _INPUT)
+    if np.ndim(y) != 1 or len(y) != len(x):
+        raise ValueError(f"y must be 1-D with one label per image of x {tuple(x.shape)}, got shape {np.shape(y)}")
+    if not isinstance(x, da.Array):
+        x = _literal_chunks(np.asarray(x), -(-len(x) // workers))
+    x = _as_dask(x, "x")
+    _check_channels(x, "x")
+    x = x.rechunk({2: -1, 3: -1})
+    if not isinstance(y, da.Array):
+        y = _literal_chunks(np.asarray(y), x.chunks[0])
+    return x, _aligned(_as_dask(y, "y"), x)
+
+
+def _literal_chunks(a, chunks):
+    """`a` cut along its first axis (chunks: a size, or the sizes), each piece a graph key of its own."""
+    sizes = da.core.normalize_chunks((chunks,) + (-1,) * (a.ndim - 1), a.shape)
+    name = "fastconv-data-" + tokenize(a)
+    starts = _bounds(sizes[0])
+    layer = {(name, i) + (0,) * (a.ndim - 1): a[lo:hi].copy() for i, (lo, hi) in enumerate(zip(starts, starts[1:]))}
+    return _array(name, layer, [], sizes, a.dtype)
+
+
+class _ClusterSteps:
+    """fastconv.train.fit's step on a cluster: per batch, one task per shard holding some of its images
+    (the model's gradient over them, scaled by their share of the batch), summed in shard order (by a tree of
+    tasks, `split_every` per node, down to `split_every` sums that come here), then the optimizer's step
+    here."""
+
+    def __init__(self, client, model, x, y, split_every, futures_of):
+        self.client, self.split_every = client, split_every
+        by_key = {future.key: future for future in futures_of([x, y])}
+        self.x_blocks = [by_key[key] for key in flatten(x.__dask_keys__())]
+        self.y_blocks = [by_key[key] for key in flatten(y.__dask_keys__())]
+        self.bounds = np.asarray(_bounds(x.chunks[0]))
+        self.model = client.submit(_held, model, pure=False)  # the layers, sent once; weights go every step
+
+    def __call__(self, model, loss_fn, optimizer, batch):
+        submit = self.client.submit
+        # The weights travel inside each task: one hop less than a task of their own, and a task rerun after
+        # a lost worker has them wherever it runs.
+        weights = tuple(param.copy() for param, _ in model.params())
+        shard = np.searchsorted(self.bounds, batch, side="right") - 1
+        shares = [submit(_gradient_share, self.model, weights, self.x_blocks[i], self.y_blocks[i],
+                         batch[shard == i] - self.bounds[i], len(batch), pure=False)
+                  for i in np.unique(shard)]  # in shard order: the sums' order depends only on the data
+        while len(shares) > self.split_every:
+            shares = [submit(_sum_shares, *shares[i:i + self.split_every], pure=False)
+                      for i in range(0, len(shares), self.split_every)]
+        grads, loss = _sum_shares(*self.client.gather(shares))
+        for (_, grad), total in zip(model.params(), grads):
+            grad[...] = total
+        optimizer.step()
+        return loss
+
+
+def _held(value):
+    return value
+
+
+def _gradient_share(model, weights, x, y, rows, batch_size):
+    """The gradients of the batch's mean loss over the images `rows` of this shard (their share of it)."""
+    from .nn import SoftmaxCrossEntropy
+
+    model = copy.deepcopy(model)  # a worker's threads share the one it was sent
+    for (param, _), value in zip(model.params(), weights):
+        param[...] = value
+    loss_fn = SoftmaxCrossEntropy()
+    with threads(_kernel_threads()):
+        loss = loss_fn.forward(model.forward(x[rows]), y[rows])
+        model.backward(loss_fn.backward(), input_grad=False)
+    share = len(rows) / batch_size
+    return [grad * share for _, grad in model.params()], loss * share
+
+
+def _sum_shares(*shares):
+    grads = [np.sum([share[0][i] for share in shares], axis=0) for i in range(len(shares[0][0]))]
+    return grads, sum(share[1] for share in shares)

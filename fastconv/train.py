@@ -1,7 +1,8 @@
 """`fastconv train`: a small CNN trained with fastconv.nn on the handwritten digits that ship with
 scikit-learn (8x8, 1,797 images, no download), with a progress bar per epoch and a plot of the curves.
 
-Needs the `train` extra (scikit-learn, matplotlib, tqdm): pip install -e ".[train]".
+Needs the `train` extra (scikit-learn, matplotlib, tqdm): pip install -e ".[train]". With --workers N (a
+LocalCluster) or --scheduler ADDRESS, the training is data-parallel on Dask (fastconv.dask.fit; the dask extra).
 """
 from __future__ import annotations
 
@@ -64,21 +65,32 @@ def train_step(model, loss_fn, optimizer, x, y):
 
 
 def evaluate(model, loss_fn, x, y):
-    """(mean loss, accuracy) on a whole set, in one batch."""
-    logits = model.forward(x)
+    """(mean loss, accuracy) on a whole set, in one batch; NaNs without one."""
+    if x is None:
+        return math.nan, math.nan
+    logits = model.predict(x)
     return loss_fn.forward(logits, y), float(np.mean(logits.argmax(axis=1) == y))
 
 
 def fit(model, data, *, epochs, batch_size, lr, momentum=0.9, weight_decay=5e-4, seed=0, progress=True,
-        log=print):
+        log=print, step=None, callback=None):
     """Train `model` on data = (x_train, y_train, x_test, y_test), batches reshuffled every epoch; returns
-    the history: per epoch the mean training loss, test loss, test accuracy and seconds of training."""
+    the history: per epoch the mean training loss, test loss, test accuracy and seconds of training.
+
+    step(model, loss_fn, optimizer, batch) -> the batch's loss: one SGD step on the training images at
+    `batch` (indices); by default train_step on this process's arrays (fastconv.dask.fit passes one that
+    computes the gradients on a cluster). callback(epoch, step, loss), if given, runs after every step."""
     from tqdm import tqdm
 
     x_train, y_train, x_test, y_test = data
+    if step is None:
+        def step(model, loss_fn, optimizer, batch):
+            return train_step(model, loss_fn, optimizer, x_train[batch], y_train[batch])
+
     loss_fn, optimizer = nn.SoftmaxCrossEntropy(), nn.SGD(model.params(), lr, momentum, weight_decay)
     rng = np.random.default_rng(seed)
     history = {"loss": [], "test_loss": [], "test_accuracy": [], "seconds": []}
+    steps = 0
     for epoch in range(1, epochs + 1):
         # Cosine annealing: lr falls smoothly to near zero, which steadies the last epochs' accuracy.
         optimizer.lr = lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))
@@ -86,13 +98,17 @@ def fit(model, data, *, epochs, batch_size, lr, momentum=0.9, weight_decay=5e-4,
         order = rng.permutation(len(x_train))
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         for batch in tqdm(batches, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, disable=not progress):
-            total_loss += train_step(model, loss_fn, optimizer, x_train[batch], y_train[batch]) * len(batch)
+            loss = step(model, loss_fn, optimizer, batch)
+            total_loss += loss * len(batch)
+            steps += 1
+            if callback is not None:
+                callback(epoch, steps, loss)
         seconds = time.perf_counter() - start
         test_loss, test_accuracy = evaluate(model, loss_fn, x_test, y_test)
         for key, value in zip(history, (total_loss / len(x_train), test_loss, test_accuracy, seconds)):
             history[key].append(value)
         log(f"epoch {epoch:2d}/{epochs}  loss {history['loss'][-1]:.4f}  test loss {test_loss:.4f}  "
-            f"test accuracy {test_accuracy:.2%}  ({seconds:.2f} s)")
+            f"test accuracy {test_accuracy:.2%}  ({seconds:.2f} s, {len(x_train) / seconds:,.0f} images/s)")
     return history
 
 
@@ -126,17 +142,51 @@ def run(args):
         raise SystemExit(problem)
     data = load_digits(args.seed)
     model = digits_cnn(np.random.default_rng(args.seed), backend=args.backend)
+    if args.workers is not None and args.workers < 1:
+        raise SystemExit(f"--workers must be >= 1, got {args.workers}")
     print(f"digits: {len(data[0])} training and {len(data[2])} test images; backend {args.backend or get_backend()}, "
           f"{args.threads} thread(s), batch {args.batch_size}, lr {args.lr} (cosine), "
           f"momentum {args.momentum}, weight decay {args.weight_decay}, seed {args.seed}")
     start = time.perf_counter()
-    with threads(args.threads):
-        history = fit(model, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed)
+    settings = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                    weight_decay=args.weight_decay, seed=args.seed)
+    if args.workers or args.scheduler:
+        history = _fit_on_cluster(model, data, args, settings)
+    else:
+        with threads(args.threads):
+            history = fit(model, data, **settings)
     print(f"final test accuracy {history['test_accuracy'][-1]:.2%} after {args.epochs} epochs in "
           f"{time.perf_counter() - start:.1f} s ({sum(history['seconds']):.1f} s training)")
     save_plot(history, args.out)
     print(f"curves saved to {args.out}")
+
+
+def _fit_on_cluster(model, data, args, settings):
+    """fit on Dask workers (fastconv.dask.fit): a LocalCluster of --workers single-threaded processes on the
+    loopback address, each running its kernels on --threads threads, or the cluster at --scheduler."""
+    try:
+        from distributed import Client, LocalCluster
+
+        from . import dask as fastconv_dask
+    except ImportError:
+        raise SystemExit('fastconv train --workers/--scheduler needs the dask extra: '
+                         'pip install -e ".[dask]"') from None
+    x_train, y_train, x_test, y_test = data
+    if args.scheduler:
+        cluster, where = None, args.scheduler
+    else:
+        cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, host="127.0.0.1",
+                               dashboard_address="127.0.0.1:0", env={"FASTCONV_NUM_THREADS": str(args.threads)})
+        where = cluster
+    try:
+        with Client(where) as client:
+            workers = len(client.scheduler_info()["workers"])
+            print(f"training on {workers} Dask worker(s) at {client.scheduler.address}")
+            return fastconv_dask.fit(model, x_train, y_train, client=client, validation=(x_test, y_test),
+                                     **settings)
+    finally:
+        if cluster is not None:
+            cluster.close()
 
 
 def add_arguments(parser):
@@ -153,6 +203,11 @@ def add_arguments(parser):
     # per layer stalls badly when another process holds a core.
     parser.add_argument("--threads", type=int, default=1, help="threads for the kernels (default: %(default)s)")
     parser.add_argument("--out", default="digits-training.png", help="plot of the curves (default: %(default)s)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, help="train data-parallel on a LocalCluster of this many worker "
+                       "processes (1 thread each; --threads kernel threads per worker; the dask extra)")
+    where.add_argument("--scheduler", metavar="ADDRESS", help="train data-parallel on the Dask cluster whose "
+                       "scheduler is at ADDRESS (e.g. tcp://scheduler:8786; the dask extra)")
 
 
 def add_parser(commands):
