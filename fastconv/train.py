@@ -137,20 +137,20 @@ def run(args):
     choices = ("auto",) + available_backends()
     if args.backend is not None and args.backend not in choices:
         raise SystemExit(f"unknown or unavailable backend {args.backend!r}; available: {', '.join(choices)}")
+    if args.workers is not None and args.workers < 1:
+        raise SystemExit(f"--workers must be >= 1, got {args.workers}")
     problem = missing_extra()
     if problem:
         raise SystemExit(problem)
     data = load_digits(args.seed)
     model = digits_cnn(np.random.default_rng(args.seed), backend=args.backend)
-    if args.workers is not None and args.workers < 1:
-        raise SystemExit(f"--workers must be >= 1, got {args.workers}")
     print(f"digits: {len(data[0])} training and {len(data[2])} test images; backend {args.backend or get_backend()}, "
           f"{args.threads} thread(s), batch {args.batch_size}, lr {args.lr} (cosine), "
           f"momentum {args.momentum}, weight decay {args.weight_decay}, seed {args.seed}")
     start = time.perf_counter()
     settings = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                     weight_decay=args.weight_decay, seed=args.seed)
-    if args.workers or args.scheduler:
+    if args.workers is not None or args.scheduler:
         history = _fit_on_cluster(model, data, args, settings)
     else:
         with threads(args.threads):

@@ -131,3 +131,16 @@ def test_train_command_on_workers(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "training on 2 Dask worker(s)" in printed and "images/s" in printed and "test accuracy" in printed
     assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_train_command_on_an_existing_cluster(tmp_path, capsys, client):
+    for name in train.EXTRA:
+        pytest.importorskip(name)
+    address = client.scheduler.address
+    cli.main(["train", "--scheduler", address, "--epochs", "1", "--out", str(tmp_path / "curves.png")])
+    assert f"training on 2 Dask worker(s) at {address}" in capsys.readouterr().out
+
+
+def test_train_command_refuses_no_workers():
+    with pytest.raises(SystemExit, match="--workers must be >= 1"):
+        cli.main(["train", "--workers", "0"])
