@@ -5,7 +5,8 @@ along the batch and, for large images, along H and W (never along channels); wei
 arrays and enter the graph once, as one key each. Every task runs fastconv's own call (`auto` unless `backend`
 says otherwise) on its chunk and the halo its windows need, so results equal the unchunked call: an output
 belongs to the chunk in which its window starts, any stride, padding or dilation included. Weight and bias
-gradients are per-chunk sums reduced by a tree whose shape depends only on the chunking.
+gradients are per-chunk sums reduced by a tree whose shape depends only on the chunking. `predict` runs a
+fastconv.nn model's layers on each batch chunk in one task; `fit` trains one data-parallel on a cluster.
 
 Kernel threads in a task: FASTCONV_NUM_THREADS (or set_num_threads) where it is set in the worker's process,
 else 1, as Dask's own workers set OMP_NUM_THREADS=1: the worker's threads are the parallelism.
@@ -34,8 +35,6 @@ from .params import (
     pool_params,
 )
 from .threads import get_num_threads, is_set, threads
-
-_INPUT = "(N, C_in, H, W)"
 
 
 @dataclass(frozen=True)
@@ -497,7 +496,7 @@ def predict(model, x):
     """model.predict over a dask.array of images chunked along the batch: every layer of a chunk in one task,
     the model one key of the graph (sent to each worker once)."""
     x = _as_dask(x, "x")
-    check_4d(x, "x", _INPUT)
+    check_4d(x, "x", api._INPUT)
     if len(x.chunks[2]) > 1 or len(x.chunks[3]) > 1:
         raise ValueError(f"x {x.shape} is chunked along H or W {x.chunks[2:]}: a model's forward needs whole "
                          f"images; rechunk with x.rechunk({{2: -1, 3: -1}})")
@@ -531,6 +530,7 @@ def fit(model, x, y, *, client=None, epochs, batch_size, lr, momentum=0.9, weigh
 
     client = client or default_client()
     x, y = _shards(x, y, len(client.scheduler_info()["workers"]))
+    check_float_arrays(x=x, **{"the model's weights": next((p for p, _ in model.params()), None)})
     x, y = client.persist([x, y])
     wait([x, y])
     steps = _ClusterSteps(client, model, x, y, split_every, futures_of)
@@ -542,9 +542,13 @@ def fit(model, x, y, *, client=None, epochs, batch_size, lr, momentum=0.9, weigh
 def _shards(x, y, workers):
     """The training arrays as dask.arrays with the same batch chunks (x's, or one per worker for NumPy
     arrays), each NumPy chunk its own graph key: the graph holds the data, so a lost chunk can be rebuilt."""
-    check_4d(x, "x", _INPUT)
-    if np.ndim(y) != 1 or len(y) != len(x):
-        raise ValueError(f"y must be 1-D with one label per image of x {tuple(x.shape)}, got shape {np.shape(y)}")
+    x = x if isinstance(x, da.Array) else np.asarray(x)
+    y = y if isinstance(y, da.Array) else np.asarray(y)
+    check_4d(x, "x", api._INPUT)
+    if y.ndim != 1 or len(y) != len(x):
+        raise ValueError(f"y must be 1-D with one label per image of x {tuple(x.shape)}, got shape {y.shape}")
+    if y.dtype.kind not in "iu":
+        raise TypeError(f"y must hold integer class labels, got {y.dtype}")
     if not isinstance(x, da.Array):
         x = _literal_chunks(np.asarray(x), -(-len(x) // workers))
     x = _as_dask(x, "x")

@@ -121,6 +121,14 @@ def test_bad_training_data():
         fd._shards(x, y[:5], 2)
     with pytest.raises(ValueError, match="x must be 4-D"):
         fd._shards(x[:, 0], y, 2)
+    with pytest.raises(TypeError, match="y must hold integer class labels"):
+        fd._shards(x, y.astype(float), 2)
+
+
+def test_training_data_of_another_dtype_than_the_model(client):
+    x, y = normal_images(8)
+    with pytest.raises(TypeError, match="arrays must share one dtype"):
+        fd.fit(train.digits_cnn(np.random.default_rng(0)), x, y, client=client, **SETTINGS)
 
 
 def test_train_command_on_workers(tmp_path, capsys):
