@@ -188,12 +188,12 @@ def conv_transpose2d_backward(grad_output, input, weight, stride=1, padding=0, o
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, *,
                return_indices=False, backend=None):
     """2-D max-pooling, as torch.nn.functional.max_pool2d; with return_indices, also the int64 argmax
-    indices, flat in each input H*W plane."""
+    indices, flat in each input H*W plane (without, the algorithms that can compute the values alone)."""
     x = np.asarray(input)
     dtype = check_float_arrays(input=x)
     check_4d(x, "input", "(N, C, H, W)")
     p = pool_params(x.shape, _hashable(kernel_size), _hashable(stride), _hashable(padding),
-                    _hashable(dilation), ceil_mode)
+                    _hashable(dilation), ceil_mode, bool(return_indices))
     if p.batch == 0:
         y, indices = np.zeros(p.output_shape, dtype), np.zeros(p.output_shape, np.int64)
     else:
@@ -217,8 +217,9 @@ def _conv_arguments(input, weight, bias=None, stride=1, padding=0, dilation=1, g
     return input, weight, bias, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
-def _pool_arguments(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
-    return input, dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode)
+def _pool_arguments(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=True):
+    return input, dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode,
+                       return_indices=return_indices)
 
 
 def _array(value, dtype, rng):
@@ -233,7 +234,8 @@ def explain(op, *args, backend=None, dtype=None, **kwargs) -> dispatch.Choice:
 
     op: one of "conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight", "max_pool2d_forward",
     "max_pool2d_backward". The other arguments are those of conv2d (for the three convolution ops) or of
-    max_pool2d (for the two pooling ops), with arrays or only their shapes (then `dtype`, float32 unless
+    max_pool2d (for the two pooling ops; return_indices=False for the forward without indices), with arrays or
+    only their shapes (then `dtype`, float32 unless
     given). Where the choice is not made yet and `auto` measures, it is measured now, on normal values of
     those shapes, and remembered as a call's would be.
     """
@@ -255,7 +257,7 @@ def explain(op, *args, backend=None, dtype=None, **kwargs) -> dispatch.Choice:
     dtype = check_float_arrays(input=x)
     check_4d(x, "input", "(N, C, H, W)")
     p = pool_params(x.shape, *(_hashable(pool[k]) for k in ("kernel_size", "stride", "padding", "dilation")),
-                    pool["ceil_mode"])
+                    pool["ceil_mode"], bool(pool.pop("return_indices")))
     if op == "max_pool2d_forward":
         return dispatch.choose(op, p, dtype, requested, (x,))
     _, indices = max_pool2d(x, **pool, return_indices=True)

@@ -199,13 +199,17 @@ def _weight_grad_block(gy, x, weight_shape, stride, padding, dilation, groups, b
     return grad[None]
 
 
-def _pool_block(x, kernel_size, stride, padding, dilation, ceil_mode, origin, plane, first_taps, backend):
-    """max_pool2d of a block's region, the indices made positions in the whole plane. A window whose cells
-    are all -inf keeps its first cell, which may be the region's -inf fill: that index becomes the window's
-    first cell inside the plane, which is what the unchunked call gives."""
+def _pool_block(x, kernel_size, stride, padding, dilation, ceil_mode, origin, plane, first_taps, with_indices,
+                backend):
+    """max_pool2d of a block's region, the indices (if asked for) made positions in the whole plane. A window
+    whose cells are all -inf keeps its first cell, which may be the region's -inf fill: that index becomes
+    the window's first cell inside the plane, which is what the unchunked call gives."""
     with threads(_kernel_threads()):
-        y, indices = api.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True,
-                                    backend=backend)
+        out = api.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices=with_indices,
+                             backend=backend)
+    if not with_indices:
+        return out, None
+    y, indices = out
     if origin == (0, 0) and x.shape[2:] == plane:
         return y, indices
     rows, cols = np.divmod(indices, x.shape[3])
@@ -460,10 +464,10 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
         first_taps = tuple(_first_taps(axis, d, bounds[i], bounds[i + 1])
                            for axis, d, bounds, i in zip(axes, p.dilation, out_bounds, (ih, iw)))
         return (_pool_block, _region_task(x, ib, *spans, -np.inf), kernel, p.stride, pads, p.dilation, ceil_mode,
-                tuple(lo for lo, _ in spans), (p.in_height, p.in_width), first_taps, backend)
+                tuple(lo for lo, _ in spans), (p.in_height, p.in_width), first_taps, return_indices, backend)
 
     chunks = (x.chunks[0], (p.channels,), _sizes(out_bounds[0]), _sizes(out_bounds[1]))
-    token = tokenize(x.name, p, backend)
+    token = tokenize(x.name, p, return_indices, backend)
     pairs = _windowed("fastconv-max-pool2d-pairs-" + token, x, axes, out_bounds, call, {}, [], chunks, dtype)
     values = _part(pairs, "fastconv-max-pool2d-" + token, 0, dtype)
     return (values, _part(pairs, "fastconv-max-pool2d-indices-" + token, 1, np.int64)) if return_indices else values

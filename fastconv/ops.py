@@ -6,7 +6,7 @@ Its functions are called only with validated, C-contiguous arrays of one float d
     conv2d_forward(x, w, b, p) -> y                 (b may be None)
     conv2d_backward_input(gy, w, p) -> gx
     conv2d_backward_weight(gy, x, p) -> gw
-    max_pool2d_forward(x, p) -> (y, indices)
+    max_pool2d_forward(x, p) -> (y, indices)         (indices None where p.with_indices is False)
     max_pool2d_backward(gy, indices, p) -> gx       (p: PoolBackwardParams; checks each index as it scatters)
 """
 from __future__ import annotations

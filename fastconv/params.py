@@ -245,6 +245,7 @@ class PoolParams:
     ceil_mode: bool
     out_height: int
     out_width: int
+    with_indices: bool = True  # False: the forward computes the values only (inference)
 
     @property
     def input_shape(self):
@@ -256,17 +257,18 @@ class PoolParams:
 
     def __str__(self):
         return (f"input {self.input_shape}, kernel {(self.kernel_height, self.kernel_width)}, stride {self.stride}, "
-                f"padding {self.padding}, dilation {self.dilation}, ceil_mode {self.ceil_mode}")
+                f"padding {self.padding}, dilation {self.dilation}, ceil_mode {self.ceil_mode}"
+                f"{'' if self.with_indices else ', values only'}")
 
     @property
     def work(self):
         """Elements of the input."""
         return math.prod(self.input_shape)
 
-    def bytes_moved(self, itemsize, with_indices=True):
-        """Bytes of input and output read or written once, int64 indices included."""
+    def bytes_moved(self, itemsize):
+        """Bytes of input and output read or written once, int64 indices included where computed."""
         out = math.prod(self.output_shape)
-        return math.prod(self.input_shape) * itemsize + out * (itemsize + (8 if with_indices else 0))
+        return math.prod(self.input_shape) * itemsize + out * (itemsize + (8 if self.with_indices else 0))
 
 
 def _pool_output_size(size, kernel, pad, stride, dilation, ceil_mode):
@@ -280,8 +282,9 @@ def _pool_output_size(size, kernel, pad, stride, dilation, ceil_mode):
 
 
 @functools.lru_cache(maxsize=4096)
-def pool_params(input_shape, kernel_size, stride, padding, dilation, ceil_mode) -> PoolParams:
-    """Validate a max-pooling's shape and arguments (all hashable) and normalize them."""
+def pool_params(input_shape, kernel_size, stride, padding, dilation, ceil_mode, with_indices=True) -> PoolParams:
+    """Validate a max-pooling's shape and arguments (all hashable) and normalize them; with_indices False
+    for a forward whose indices are not asked for."""
     kernel = _at_least(_pair(kernel_size, "kernel_size"), 1, "kernel_size")
     stride = kernel if stride is None else _at_least(_pair(stride, "stride"), 1, "stride")
     dilation = _at_least(_pair(dilation, "dilation"), 1, "dilation")
@@ -305,6 +308,7 @@ def pool_params(input_shape, kernel_size, stride, padding, dilation, ceil_mode) 
     return PoolParams(
         batch=n, channels=c, in_height=h, in_width=w, kernel_height=kernel[0], kernel_width=kernel[1],
         stride=stride, padding=pad, dilation=dilation, ceil_mode=bool(ceil_mode), out_height=out_h, out_width=out_w,
+        with_indices=bool(with_indices),
     )
 
 

@@ -192,11 +192,11 @@ class MaxPool2d(nn.MaxPool2d):
             return super().forward(input)
         pool = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding, dilation=self.dilation,
                     ceil_mode=self.ceil_mode)
-        if not _needs_graph(input):
+        if not _needs_graph(input):  # no backward: the indices only if asked for
             with _torch_threads():
-                y, indices = api.max_pool2d(_numpy(input), **pool, return_indices=True,
-                                            backend=self.fastconv_backend)
-            y, indices = _tensor(y), _tensor(indices)
+                out = api.max_pool2d(_numpy(input), **pool, return_indices=self.return_indices,
+                                     backend=self.fastconv_backend)
+            return tuple(map(_tensor, out)) if self.return_indices else _tensor(out)
         else:
             y, indices = _MaxPool2dFunction.apply(input, pool, self.fastconv_backend)
         return (y, indices) if self.return_indices else y

@@ -46,7 +46,9 @@ cdef inline void pool_window(const floating* x, const Pool* q, int h0, int kh_lo
             value = x[index]
             if value > best or value != value:
                 best, best_index = value, index
-    y[ow], indices[ow] = best, best_index
+    y[ow] = best
+    if indices != NULL:
+        indices[ow] = best_index
 
 
 cdef inline void scan_window_row(const floating* row, int row_at, int count, int kernel_w, int stride_w,
@@ -73,9 +75,46 @@ cdef inline void scan_window_row(const floating* row, int row_at, int count, int
         best[j], best_at[j] = current, current_at
 
 
+cdef inline void scan_window_row_values(const floating* row, int count, int kernel_w, int stride_w,
+                                        int dilation_w, bint first, floating* best) noexcept nogil:
+    """scan_window_row without the offsets: the same selects on the values alone."""
+    cdef int j, b
+    cdef floating value, current
+    for j in range(count):
+        current = row[j * stride_w] if first else best[j]
+        for b in range(kernel_w):
+            value = row[j * stride_w + b * dilation_w]
+            current = value if (value > current) | (value != value) else current
+        best[j] = current
+
+
+cdef inline void scan_row(const floating* row, int row_at, int count, const Pool* q, bint first, floating* best,
+                          unsigned* best_at) noexcept nogil:
+    """One window row of a tile, values and offsets (best_at NULL: the values only). Constant shapes for the
+    common kernels let the compiler vectorize their strided loads."""
+    if best_at == NULL:
+        if q.kernel_w == 2 and q.stride_w == 2 and q.dilation_w == 1:
+            scan_window_row_values(row, count, 2, 2, 1, first, best)
+        elif q.kernel_w == 3 and q.stride_w == 2 and q.dilation_w == 1:
+            scan_window_row_values(row, count, 3, 2, 1, first, best)
+        elif q.kernel_w == 3 and q.stride_w == 1 and q.dilation_w == 1:
+            scan_window_row_values(row, count, 3, 1, 1, first, best)
+        else:
+            scan_window_row_values(row, count, q.kernel_w, q.stride_w, q.dilation_w, first, best)
+    elif q.kernel_w == 2 and q.stride_w == 2 and q.dilation_w == 1:
+        scan_window_row(row, row_at, count, 2, 2, 1, first, best, best_at)
+    elif q.kernel_w == 3 and q.stride_w == 2 and q.dilation_w == 1:
+        scan_window_row(row, row_at, count, 3, 2, 1, first, best, best_at)
+    elif q.kernel_w == 3 and q.stride_w == 1 and q.dilation_w == 1:
+        scan_window_row(row, row_at, count, 3, 1, 1, first, best, best_at)
+    else:
+        scan_window_row(row, row_at, count, q.kernel_w, q.stride_w, q.dilation_w, first, best, best_at)
+
+
 cdef void pool_plane(const floating* x, const Pool* q, floating* y, int64_t* indices) noexcept nogil:
     """Each output row: the windows whose columns all lie inside the input go window row by window row
-    across a tile of the output row (vectorized, see scan_window_row); the edge windows one by one."""
+    across a tile of the output row (vectorized, see scan_window_row); the edge windows one by one.
+    indices NULL: the values only."""
     cdef int oh, ow, h0, kh, kh_low, kh_high, row_at
     cdef int inner_low = min(q.out_w, ceil_div(q.pad_w, q.stride_w))
     cdef int last_start = q.width - 1 - (q.kernel_w - 1) * q.dilation_w + q.pad_w  # of an inner window, padded
@@ -84,8 +123,6 @@ cdef void pool_plane(const floating* x, const Pool* q, floating* y, int64_t* ind
     # local array (in L1), 32-bit: as wide as float32 values, and small whatever the plane size.
     cdef unsigned tile_at[TILE]  # unsigned: widens to int64 without sign work
     cdef int tile, tile_size
-    cdef bint first
-    cdef const floating* row
     cdef int64_t tile_origin
     cdef int64_t* tile_indices
     for oh in range(q.out_h):
@@ -101,29 +138,22 @@ cdef void pool_plane(const floating* x, const Pool* q, floating* y, int64_t* ind
             tile_origin = <int64_t>(h0 + kh_low * q.dilation_h) * q.width + tile * q.stride_w - q.pad_w
             for kh in range(kh_low, kh_high):
                 row_at = (kh - kh_low) * q.dilation_h * q.width
-                row = x + tile_origin + row_at
-                first = kh == kh_low
-                # Constant shapes for the common kernels let the compiler vectorize their strided loads.
-                if q.kernel_w == 2 and q.stride_w == 2 and q.dilation_w == 1:
-                    scan_window_row(row, row_at, tile_size, 2, 2, 1, first, y + tile, tile_at)
-                elif q.kernel_w == 3 and q.stride_w == 2 and q.dilation_w == 1:
-                    scan_window_row(row, row_at, tile_size, 3, 2, 1, first, y + tile, tile_at)
-                elif q.kernel_w == 3 and q.stride_w == 1 and q.dilation_w == 1:
-                    scan_window_row(row, row_at, tile_size, 3, 1, 1, first, y + tile, tile_at)
-                else:
-                    scan_window_row(row, row_at, tile_size, q.kernel_w, q.stride_w, q.dilation_w, first,
-                                    y + tile, tile_at)
-            # Indexed from a pointer (with -fwrapv a 32-bit `tile + ow` need not be contiguous): vectorizes.
-            tile_indices = indices + tile
-            for ow in range(tile_size):
-                tile_indices[ow] = tile_origin + tile_at[ow]
+                scan_row(x + tile_origin + row_at, row_at, tile_size, q, kh == kh_low, y + tile,
+                         tile_at if indices != NULL else NULL)
+            if indices != NULL:
+                # Indexed from a pointer (with -fwrapv a 32-bit `tile + ow` need not be contiguous): vectorizes.
+                tile_indices = indices + tile
+                for ow in range(tile_size):
+                    tile_indices[ow] = tile_origin + tile_at[ow]
             tile += TILE
         y += q.out_w
-        indices += q.out_w
+        if indices != NULL:
+            indices += q.out_w
 
 
 def max_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] y, int64_t[:, :, :, ::1] indices,
                        p, int threads):
+    """y = max-pooling of x, and its argmax indices unless `indices` is None."""
     cdef Pool q
     q.height, q.width, q.out_h, q.out_w = p.in_height, p.in_width, p.out_height, p.out_width
     q.kernel_h, q.kernel_w = p.kernel_height, p.kernel_width
@@ -132,9 +162,10 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] y,
     q.dilation_h, q.dilation_w = p.dilation
     cdef Py_ssize_t planes = <Py_ssize_t>x.shape[0] * x.shape[1], k
     cdef Py_ssize_t plane = <Py_ssize_t>q.height * q.width, out_plane = <Py_ssize_t>q.out_h * q.out_w
+    cdef int64_t* all_indices = NULL if indices is None else &indices[0, 0, 0, 0]
     for k in prange(planes, nogil=True, schedule="static", num_threads=threads):
         pool_plane(&x[0, 0, 0, 0] + k * plane, &q, &y[0, 0, 0, 0] + k * out_plane,
-                   &indices[0, 0, 0, 0] + k * out_plane)
+                   NULL if all_indices == NULL else all_indices + k * out_plane)
 
 
 cdef Py_ssize_t scatter_plane(const floating* gy, const int64_t* indices, Py_ssize_t outputs, Py_ssize_t plane,

@@ -91,17 +91,28 @@ def test_every_conv_algorithm_serves_some_case(conv_algorithm):
         assert len(served) >= 5, f"{conv_algorithm} serves {op} on only {len(served)} cases"
 
 
+def p_args(x, case):
+    return (x.shape, *(case[k] for k in ("kernel_size", "stride", "padding", "dilation", "ceil_mode")))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", POOL_CASES, ids=case_id)
 def test_pool_algorithm_against_oracle(pool_algorithm, case, dtype):
     x = pool_input(case, dtype)
-    p = pool_params(x.shape, *(case[k] for k in ("kernel_size", "stride", "padding", "dilation", "ceil_mode")))
+    p = pool_params(*p_args(x, case))
     algorithm = dispatch.get_algorithm(pool_algorithm)
     assert algorithm.supports("max_pool2d_forward", p, np.dtype(dtype)) is None
     y, idx = fastconv.max_pool2d(x, **pool_kwargs(case), return_indices=True, backend=pool_algorithm)
     y_ref, idx_ref = fastconv.max_pool2d(x, **pool_kwargs(case), return_indices=True, backend="naive")
     np.testing.assert_array_equal(idx, idx_ref)
     np.testing.assert_array_equal(y, y_ref)
+    # Without indices: the same values, and none computed for the caller.
+    values_only = pool_params(*p_args(x, case), False)
+    assert algorithm.supports("max_pool2d_forward", values_only, np.dtype(dtype)) is None
+    values, no_indices = algorithm.ops["max_pool2d_forward"](np.ascontiguousarray(x), values_only)
+    assert no_indices is None
+    np.testing.assert_array_equal(values, y_ref)
+    np.testing.assert_array_equal(fastconv.max_pool2d(x, **pool_kwargs(case), backend=pool_algorithm), y_ref)
     gy = np.random.default_rng(1).standard_normal(y.shape).astype(dtype)
     assert algorithm.supports("max_pool2d_backward", PoolBackwardParams(x.shape, y.shape), np.dtype(dtype)) is None
     gx = fastconv.max_pool2d_backward(gy, idx, x.shape, backend=pool_algorithm)

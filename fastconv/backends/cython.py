@@ -58,7 +58,7 @@ def _filling(kernel, shape):
 
 def max_pool2d_forward(x, p):
     y = np.empty(p.output_shape, x.dtype)
-    indices = np.empty(p.output_shape, np.int64)
+    indices = np.empty(p.output_shape, np.int64) if p.with_indices else None
     _pool.max_pool2d_forward(x, y, indices, p, threads_for(p.work))
     return y, indices
 

@@ -217,22 +217,25 @@ def max_pool2d_forward(x, p):
     rows = taps(p.kernel_height, p.in_height, p.stride[0], p.padding[0], p.dilation[0], 0, p.out_height)
     cols = taps(p.kernel_width, p.in_width, p.stride[1], p.padding[1], p.dilation[1], 0, p.out_width)
     best = np.full(shape, np.nan, x.dtype)  # every cell is overwritten by its window's first in-bounds tap
-    indices = np.full(shape, -1, np.int64)
+    seen = np.zeros(shape, bool)  # whether a window's first in-bounds tap has come
+    indices = np.empty(shape, np.int64) if p.with_indices else None
     mask = np.empty(shape, bool)
     for i_lo, i_hi, in_rows in rows:
         for j_lo, j_hi, in_cols in cols:
             if i_hi <= i_lo or j_hi <= j_lo:
                 continue
             values = x[:, :, in_rows, in_cols]
-            flat = (np.arange(in_rows.start, in_rows.stop, in_rows.step)[:, None] * p.in_width
-                    + np.arange(in_cols.start, in_cols.stop, in_cols.step))
             window = (slice(None), slice(None), slice(i_lo, i_hi), slice(j_lo, j_hi))
-            b, idx, m = best[window], indices[window], mask[window]
+            b, m, first = best[window], mask[window], ~seen[window]
             np.greater(values, b, out=m)
             m |= np.isnan(values)
-            m |= idx < 0  # the window's first in-bounds tap
+            m |= first
+            seen[window] = True
             np.copyto(b, values, where=m)
-            np.copyto(idx, flat, where=m)
+            if indices is not None:
+                flat = (np.arange(in_rows.start, in_rows.stop, in_rows.step)[:, None] * p.in_width
+                        + np.arange(in_cols.start, in_cols.stop, in_cols.step))
+                np.copyto(indices[window], flat, where=m)
     return best, indices
 
 

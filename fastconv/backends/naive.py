@@ -82,7 +82,7 @@ def max_pool2d_forward(x, p):
                                 if best_index < 0 or value > best or math.isnan(value):
                                     best, best_index = value, r * p.in_width + s
                     y[n, c, i, j], indices[n, c, i, j] = best, best_index
-    return y, indices
+    return y, indices if p.with_indices else None
 
 
 def max_pool2d_backward(gy, indices, p):
