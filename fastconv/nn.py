@@ -9,9 +9,21 @@ for each call: `backend=None` is fastconv's default ("auto" unless set), or name
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .api import conv2d, conv2d_backward, max_pool2d, max_pool2d_backward
+from .threads import single_threaded_blas
+
+# Multiply-adds below which a Linear layer's GEMM runs on one BLAS thread: BLAS's threads gain little on a
+# classifier head's small GEMMs and then spin for a while after the call, taking the cores from the next
+# layer's kernels.
+SMALL_GEMM = 1 << 24
+
+
+def _blas_for(m, n, k):
+    return single_threaded_blas() if m * n * k < SMALL_GEMM else contextlib.nullcontext()
 
 
 def _he_normal(rng, shape, fan_in, dtype):
@@ -90,7 +102,7 @@ class ReLU(Layer):
     _kept = ("positive",)
 
     def predict(self, x):
-        return x * (x > 0)
+        return np.maximum(x, 0)  # one pass, no mask: the mask is for the backward
 
     def forward(self, x):
         self.positive = x > 0
@@ -128,16 +140,18 @@ class Linear(Layer):
     _kept = ("input",)
 
     def predict(self, x):
-        return x @ self.weight.T + self.bias
+        with _blas_for(*x.shape, len(self.weight)):
+            return x @ self.weight.T + self.bias
 
     def forward(self, x):
         self.input = x
         return self.predict(x)
 
     def backward(self, grad, input_grad=True):
-        np.matmul(grad.T, self.input, out=self.weight_grad)
-        grad.sum(axis=0, out=self.bias_grad)
-        return grad @ self.weight if input_grad else None
+        with _blas_for(*self.input.shape, len(self.weight)):
+            np.matmul(grad.T, self.input, out=self.weight_grad)
+            grad.sum(axis=0, out=self.bias_grad)
+            return grad @ self.weight if input_grad else None
 
     def params(self):
         return [(self.weight, self.weight_grad), (self.bias, self.bias_grad)]

@@ -5,8 +5,9 @@ worker), the same graph on Dask's threaded scheduler in this process, and the pl
 warm-up round is when it measures). The images are made on the workers
 (persisted there, as a dataset loaded by the cluster is); an empty graph of as many tasks measures what the
 scheduler's round trips cost on their own.
-Run: flock /tmp/fastconv-bench.lock env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE pytest -m perf \
-tests/perf/test_dask_inference.py --benchmark-enable
+Run: flock /tmp/fastconv-bench.lock env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE GLIBC_TUNABLES=\
+glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 pytest -m perf \
+tests/perf/test_dask_inference.py --benchmark-enable (the workers inherit the allocator's settings)
 """
 import os
 import warnings

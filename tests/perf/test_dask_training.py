@@ -3,7 +3,8 @@ process, with the bytes each step moves and the time per step (extra_info): an e
 digits network (1,437 images, batch 32: 45 steps; here on 1 kernel thread, `fastconv train`'s default), and
 one of the inference benchmark's CNN on 2,048 random 3x32x32 images in batches of 512 (4 steps; here on 2
 kernel threads), float32.
-Run: flock /tmp/fastconv-bench.lock env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE pytest -m perf \\
+Run: flock /tmp/fastconv-bench.lock env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE GLIBC_TUNABLES=\\
+glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 pytest -m perf \\
 tests/perf/test_dask_training.py --benchmark-enable --benchmark-columns=min,median,max
 """
 import warnings
