@@ -234,10 +234,9 @@ def explain(op, *args, backend=None, dtype=None, **kwargs) -> dispatch.Choice:
 
     op: one of "conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight", "max_pool2d_forward",
     "max_pool2d_backward". The other arguments are those of conv2d (for the three convolution ops) or of
-    max_pool2d (for the two pooling ops; return_indices=False for the forward without indices), with arrays or
-    only their shapes (then `dtype`, float32 unless
-    given). Where the choice is not made yet and `auto` measures, it is measured now, on normal values of
-    those shapes, and remembered as a call's would be.
+    max_pool2d (for the two pooling ops; return_indices=False for the forward without indices), with arrays
+    or only their shapes (then `dtype`, float32 unless given). Where the choice is not made yet and `auto`
+    measures, it is measured now, on normal values of those shapes, and remembered as a call's would be.
     """
     dispatch.check_op(op)
     requested = dispatch.get_backend() if backend is None else dispatch.check_name(backend)

@@ -221,3 +221,11 @@ def test_backends_are_imported_only_when_needed():
     env = dict(os.environ, FASTCONV_AUTO="fixed")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.split() == ["False", "False", "False", "True"]
+
+
+def test_explain_the_pooling_forward_without_indices():
+    """explain takes return_indices: the forward without indices is a call of its own (measured apart)."""
+    for return_indices in (True, False):
+        choice = fastconv.explain("max_pool2d_forward", (2, 3, 8, 8), 2, return_indices=return_indices,
+                                  backend="cython")
+        assert choice.algorithm == "cython:pool"
