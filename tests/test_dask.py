@@ -268,3 +268,77 @@ def test_sequential_predict_keeps_numpy_numpy():
     assert isinstance(out, np.ndarray) and out.tolist() == [[0.0, 2.0]]
     with dask.config.set(scheduler="sync"):
         assert model.predict(da.from_array(np.array([[[[-1.0, 2.0]]]]))).compute().tolist() == [[0.0, 2.0]]
+
+
+def _random_chunks(rng, n):
+    """1 to 4 uneven chunks summing to n."""
+    cuts = sorted(rng.choice(np.arange(1, n), size=min(int(rng.integers(0, 4)), n - 1), replace=False))
+    bounds = [0, *cuts, n]
+    return tuple(int(b - a) for a, b in zip(bounds, bounds[1:]))
+
+
+def _random_conv(rng):
+    groups = int(rng.choice([1, 1, 2]))
+    shape = (int(rng.integers(1, 5)), groups * int(rng.integers(1, 3)), int(rng.integers(3, 14)),
+             int(rng.integers(3, 14)))
+    weight = (groups * int(rng.integers(1, 3)), shape[1] // groups, int(rng.integers(1, 6)), int(rng.integers(1, 6)))
+    stride = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+    padding = rng.choice(["same", "valid", "pair"])
+    if padding == "same":
+        stride = (1, 1)
+    elif padding == "pair":
+        padding = (int(rng.integers(0, 4)), int(rng.integers(0, 4)))
+    conv = dict(stride=stride, padding=padding, dilation=(int(rng.integers(1, 3)), int(rng.integers(1, 3))),
+                groups=groups)
+    return shape, weight, conv
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_calls_equal_the_unchunked_call(seed):
+    """Random convolutions (groups, strides, dilations, every padding form), transposed convolutions and
+    poolings (ties, NaN, -inf, ceil_mode) on random uneven chunks along N, H and W: every result equals the
+    unchunked call (Dask's synchronous scheduler: the cluster tests above cover the distribution)."""
+    rng = np.random.default_rng(1000 + seed)
+    checked = 0
+    with dask.config.set(scheduler="sync"):
+        while checked < 25:
+            shape, weight, conv = _random_conv(rng)
+            x, w, b = rng.standard_normal(shape), rng.standard_normal(weight), rng.standard_normal(weight[0])
+            try:
+                y = fastconv.conv2d(x, w, b, **conv)
+            except ValueError:
+                continue
+            chunks = (_random_chunks(rng, shape[0]), (shape[1],), _random_chunks(rng, shape[2]),
+                      _random_chunks(rng, shape[3]))
+            xd = da.from_array(x, chunks=chunks)
+            assert_close(fd.conv2d(xd, w, b, **conv).compute(), y, np.float64)
+            gy = rng.standard_normal(y.shape)
+            gyd = da.from_array(gy, chunks=(chunks[0], (y.shape[1],), _random_chunks(rng, y.shape[2]),
+                                            _random_chunks(rng, y.shape[3])))
+            for got, wanted in zip(fd.conv2d_backward(gyd, xd, w, **conv), fastconv.conv2d_backward(gy, x, w, **conv)):
+                assert_close(got.compute(), wanted, np.float64)
+            if not isinstance(conv["padding"], str):  # transposed convolutions take no string padding
+                transposed = dict(conv, output_padding=(0, 0))
+                wt = rng.standard_normal((shape[1], weight[0] // conv["groups"], *weight[2:]))
+                try:
+                    up = fastconv.conv_transpose2d(x, wt, **transposed)
+                except ValueError:  # an output too small
+                    up = None
+                if up is not None:
+                    assert_close(fd.conv_transpose2d(xd, wt, **transposed).compute(), up, np.float64)
+            pool = dict(kernel_size=(int(rng.integers(1, 4)), int(rng.integers(1, 4))),
+                        stride=(int(rng.integers(1, 4)), int(rng.integers(1, 4))),
+                        dilation=(int(rng.integers(1, 3)), int(rng.integers(1, 3))), ceil_mode=bool(rng.random() < 0.5))
+            pool["padding"] = tuple(int(rng.integers(0, k // 2 + 1)) for k in pool["kernel_size"])
+            xp = np.round(x * 2) / 2
+            xp[rng.random(shape) < 0.05] = -np.inf
+            xp[rng.random(shape) < 0.03] = np.nan
+            try:
+                values, indices = fastconv.max_pool2d(xp, **pool, return_indices=True)
+            except ValueError:
+                continue
+            got_values, got_indices = fd.max_pool2d(da.from_array(xp, chunks=chunks), **pool, return_indices=True)
+            np.testing.assert_array_equal(got_values.compute(), values)
+            np.testing.assert_array_equal(got_indices.compute(), indices)
+            np.testing.assert_array_equal(fd.max_pool2d(da.from_array(xp, chunks=chunks), **pool).compute(), values)
+            checked += 1
