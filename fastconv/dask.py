@@ -367,22 +367,30 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     return _forward(name, x, p, out_bounds, w, b, backend)
 
 
+def _backward_setup(grad_output, input, weight, params_of, output_shape_of, output_mask, backend, split_every):
+    """What both backward ops check and prepare: (grad_output with the input's batch chunks, input, weight,
+    dtype, the convolution's params, the output mask, the graph's token)."""
+    gy, x, w = _as_dask(grad_output, "grad_output"), _as_dask(input, "input"), _parameter(weight)
+    dtype = check_float_arrays(grad_output=gy, input=x, weight=w)
+    p = params_of(x, w)
+    if gy.shape != output_shape_of(p):
+        raise ValueError(f"grad_output must have the output's shape {output_shape_of(p)} (input {x.shape}, "
+                         f"weight {w.shape}), got {gy.shape}")
+    mask = api._output_mask(output_mask)
+    _check_channels(x, "input")
+    _check_channels(gy, "grad_output")
+    gy = _aligned(gy, x)
+    return gy, x, w, dtype, p, mask, tokenize(gy.name, x.name, w, p, backend, split_every)
+
+
 def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1, groups=1, *,
                     output_mask=(True, True, True), backend=None, split_every=None):
     """fastconv.conv2d_backward over dask.arrays: (grad_input, chunked as the input; grad_weight; grad_bias),
     None where output_mask is False. The weight and bias gradients are tree sums of per-block shares
     (`split_every` per node, Dask's default unless given) in an order fixed by the chunking."""
-    gy, x, w = _as_dask(grad_output, "grad_output"), _as_dask(input, "input"), _parameter(weight)
-    dtype = check_float_arrays(grad_output=gy, input=x, weight=w)
-    p = api._conv_setup(x, w, stride, padding, dilation, groups)
-    if gy.shape != p.output_shape:
-        raise ValueError(f"grad_output must have the output's shape {p.output_shape} (input {x.shape}, weight "
-                         f"{w.shape}), got {gy.shape}")
-    want_input, want_weight, want_bias = api._output_mask(output_mask)
-    _check_channels(x, "input")
-    _check_channels(gy, "grad_output")
-    gy = _aligned(gy, x)
-    token = tokenize(gy.name, x.name, w, p, backend, split_every)
+    gy, x, w, dtype, p, (want_input, want_weight, want_bias), token = _backward_setup(
+        grad_output, input, weight, lambda x, w: api._conv_setup(x, w, stride, padding, dilation, groups),
+        lambda p: p.output_shape, output_mask, backend, split_every)
     grad_input = grad_weight = grad_bias = None
     if want_input:
         w_key, w_layer, w_deps = _constant(w, "fastconv-weight")
@@ -422,17 +430,10 @@ def conv_transpose2d_backward(grad_output, input, weight, stride=1, padding=0, o
                               dilation=1, *, output_mask=(True, True, True), backend=None, split_every=None):
     """fastconv.conv_transpose2d_backward over dask.arrays: (grad_input, chunked as the input; grad_weight;
     grad_bias), None where output_mask is False; the sums as in conv2d_backward."""
-    gy, x, w = _as_dask(grad_output, "grad_output"), _as_dask(input, "input"), _parameter(weight)
-    dtype = check_float_arrays(grad_output=gy, input=x, weight=w)
-    p = api._transpose_setup(x, w, stride, padding, output_padding, dilation, groups)
-    if gy.shape != p.input_shape:
-        raise ValueError(f"grad_output must have the output's shape {p.input_shape} (input {x.shape}, weight "
-                         f"{w.shape}), got {gy.shape}")
-    want_input, want_weight, want_bias = api._output_mask(output_mask)
-    _check_channels(x, "input")
-    _check_channels(gy, "grad_output")
-    gy = _aligned(gy, x)
-    token = tokenize(gy.name, x.name, w, p, backend, split_every)
+    gy, x, w, dtype, p, (want_input, want_weight, want_bias), token = _backward_setup(
+        grad_output, input, weight,
+        lambda x, w: api._transpose_setup(x, w, stride, padding, output_padding, dilation, groups),
+        lambda p: p.input_shape, output_mask, backend, split_every)
     grad_input = grad_weight = grad_bias = None
     if want_input:  # the forward convolution of grad_output, into the input's chunks
         grad_input = _forward("fastconv-conv-transpose2d-grad-input-" + token, gy, p,
