@@ -139,14 +139,19 @@ class _MaxPool2dFunction(torch.autograd.Function):
         return _tensor(gx), None, None
 
 
-class Conv2d(nn.Conv2d):
-    """torch.nn.Conv2d on fastconv's kernels (`backend`: fastconv's, None for its default)."""
+class _OnFastconv:
+    """What fastconv's torch.nn layers add to torch.nn's: `backend` (fastconv's; None for its default), which
+    convert() sets on the layers it swaps."""
 
     fastconv_backend = None
 
     def __init__(self, *args, backend=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.fastconv_backend = backend
+
+
+class Conv2d(_OnFastconv, nn.Conv2d):
+    """torch.nn.Conv2d on fastconv's kernels (`backend`: fastconv's, None for its default)."""
 
     @torch.compiler.disable
     def forward(self, input):
@@ -156,14 +161,8 @@ class Conv2d(nn.Conv2d):
         return _convolve(self, input, _Conv2dFunction, (api.conv2d, api.conv2d_backward), conv)
 
 
-class ConvTranspose2d(nn.ConvTranspose2d):
+class ConvTranspose2d(_OnFastconv, nn.ConvTranspose2d):
     """torch.nn.ConvTranspose2d on fastconv's kernels (`output_size` in forward as in torch.nn)."""
-
-    fastconv_backend = None
-
-    def __init__(self, *args, backend=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.fastconv_backend = backend
 
     @torch.compiler.disable
     def forward(self, input, output_size=None):
@@ -177,14 +176,8 @@ class ConvTranspose2d(nn.ConvTranspose2d):
                          conv)
 
 
-class MaxPool2d(nn.MaxPool2d):
+class MaxPool2d(_OnFastconv, nn.MaxPool2d):
     """torch.nn.MaxPool2d on fastconv's kernels (return_indices as in torch.nn)."""
-
-    fastconv_backend = None
-
-    def __init__(self, *args, backend=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.fastconv_backend = backend
 
     @torch.compiler.disable
     def forward(self, input):
