@@ -1,11 +1,11 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""The direct algorithm (stride 1, on CPUs with AVX2 or AVX-512): each unit of work (an image, or a band of
-its output rows) copies its input rows, zero-padded, into a per-thread buffer; every output pixel is then a
-fixed set of taps of that buffer at fixed offsets, and the register tiles of direct_conv.h (channels x
-pixels) accumulate them without any column matrix. The stride-1 input gradient is a forward convolution
-with the flipped kernel; the weight gradient sums tiles of channels x taps over each unit's rows, in
-WEIGHT_PARTIALS fixed partials added in a fixed order. The units depend on the shape only: results are
-bitwise identical whatever the number of threads.
+"""The direct algorithm (on CPUs with AVX2 or AVX-512): each unit of work (an image, or a band of its output
+rows) copies its input rows, zero-padded, into a per-thread buffer, a strided convolution's split into the
+stride's phases (see direct_plan); every output pixel is then a fixed set of taps of that buffer at fixed
+offsets, and the register tiles of direct_conv.h (channels x pixels) accumulate them without any column
+matrix. The stride-1 input gradient is a forward convolution with the flipped kernel; the weight gradient
+sums tiles of channels x taps over each unit's rows, in WEIGHT_PARTIALS fixed partials added in a fixed
+order. The units depend on the shape only: results are bitwise identical whatever the number of threads.
 """
 import numpy as np
 
@@ -39,6 +39,8 @@ cdef extern from "direct_conv.h" nogil:
     int direct_select(const char* name)
     direct_tiles direct_current()
     int WEIGHT_TAPS
+    void gather_float(float* dst, const float* src, int n, int stride)
+    void gather_double(double* dst, const double* src, int n, int stride)
 
 VECTOR_ISAS = ("avx512", "avx2", "none")  # the register tiles, best first ("none": the direct path serves nothing)
 
@@ -66,33 +68,40 @@ cdef struct Direct:
     direct_tiles tiles         # the register tiles of this call, copied when it is planned
     int channels               # output channels per register tile
     int width                  # output pixels per register tile
-    int padded_width           # input row width with its padding: output pixel (r, ow) is at r * padded_width + ow
+    int phases_h, phases_w     # the stride's phases: a band holds each channel as stride_h x stride_w planes
+    int row_width              # a phase row's width: output pixel (r, ow) is at r * row_width + ow of a plane
     int band_rows              # output rows per unit of work (an image's last band may have fewer)
     int bands                  # units per image
-    int halo                   # input rows a band needs beyond its output rows
+    int halo                   # phase rows a band needs beyond its output rows
     int blocks                 # tiles of `channels` output channels per group
     int taps                   # kernel_h * kernel_w
-    ptrdiff_t channel_stride   # one channel's rows in the padded buffer
-    ptrdiff_t buffer           # the padded buffer, with the slack the last tile reads past its end
+    ptrdiff_t plane            # one phase plane: (band_rows + halo) * row_width
+    ptrdiff_t channel_stride   # one channel's planes in the band buffer
+    ptrdiff_t buffer           # the band buffer, with the slack the last tile reads past its end
 
 
 cdef bint direct_plan(const Conv* c, Py_ssize_t itemsize, Direct* d):
-    """The direct path's cut of the work, or False when it does not serve this convolution."""
+    """The direct path's cut of the work, or False when it does not serve this convolution (no vector tiles).
+    A stride s is split into its phases: input row s * i + a of a band goes to row i of phase plane a (columns
+    alike), so each kernel tap reads one plane at a fixed offset and consecutive output pixels read consecutive
+    elements, as at stride 1 (one plane, the zero-padded input rows themselves)."""
     d.tiles = direct_current()  # this call's tiles, whatever is selected while it runs
     d.channels, d.width = d.tiles.channels, (d.tiles.width_double if itemsize == 8 else d.tiles.width_float)
-    if d.width == 0 or c.stride_h != 1 or c.stride_w != 1:
+    if d.width == 0:
         return False
-    d.padded_width = c.out_w + (c.kernel_w - 1) * c.dilation_w
-    d.halo = (c.kernel_h - 1) * c.dilation_h
-    cdef Py_ssize_t row_bytes = <Py_ssize_t>c.group_in * d.padded_width * itemsize
+    d.phases_h, d.phases_w = c.stride_h, c.stride_w
+    d.row_width = c.out_w + (c.kernel_w - 1) * c.dilation_w // c.stride_w
+    d.halo = (c.kernel_h - 1) * c.dilation_h // c.stride_h
+    cdef Py_ssize_t row_bytes = <Py_ssize_t>c.group_in * d.phases_h * d.phases_w * d.row_width * itemsize
     cdef int rows = ceil_div(c.out_h, ceil_div(MIN_UNITS, c.batch)) if c.batch < MIN_UNITS else c.out_h
     rows = <int>max(1, min(rows, BAND_BYTES // row_bytes - d.halo))
     d.band_rows = ceil_div(c.out_h, ceil_div(c.out_h, rows))  # bands of even height
     d.bands = ceil_div(c.out_h, d.band_rows)
     d.blocks = ceil_div(c.group_out, d.channels)
     d.taps = c.kernel_h * c.kernel_w
-    d.channel_stride = <ptrdiff_t>(d.band_rows + d.halo) * d.padded_width
-    d.buffer = c.group_in * d.channel_stride + d.width + (c.kernel_w - 1) * c.dilation_w
+    d.plane = <ptrdiff_t>(d.band_rows + d.halo) * d.row_width
+    d.channel_stride = d.phases_h * d.phases_w * d.plane
+    d.buffer = c.group_in * d.channel_stride + d.width + (c.kernel_w - 1) * c.dilation_w // c.stride_w
     return True
 
 
@@ -126,28 +135,38 @@ cdef void pack_weight(const floating* w, const Conv* c, const Direct* d, bint fl
                         packed += 1
 
 
-cdef void pad_band(const floating* x, const Conv* c, const Direct* d, int first_row, int rows,
+cdef void pad_band(const floating* x, const Conv* c, const Direct* d, int row, int rows,
                    floating* band) noexcept nogil:
-    """band[ch, r, :] = input row first_row + r of channel ch of x (one image, one group), zero-padded to
-    padded_width (stride 1: pad_left + width + pad_right); rows outside the input are zeros."""
-    cdef int ch, r, ih
+    """The band of output rows [row, row + rows) of one image, one group: band[ch, a, b, i, j] = the zero-padded
+    input at row (row + i) * stride_h + a, column j * stride_w + b (zero outside the input), for the rows + halo
+    phase rows i and row_width columns j of each phase (a, b). The input is read in row order."""
+    cdef int ch, a, b, i, ih, first, end
     cdef floating* dst
-    cdef int right = d.padded_width - c.pad_left - c.width
+    cdef const floating* src
     for ch in range(c.group_in):
-        for r in range(rows):
-            ih = first_row + r
-            dst = band + ch * d.channel_stride + <ptrdiff_t>r * d.padded_width
-            if ih < 0 or ih >= c.height:
-                memset(dst, 0, d.padded_width * sizeof(floating))
-                continue
-            memset(dst, 0, c.pad_left * sizeof(floating))
-            memcpy(dst + c.pad_left, x + (<Py_ssize_t>ch * c.height + ih) * c.width, c.width * sizeof(floating))
-            memset(dst + c.pad_left + c.width, 0, right * sizeof(floating))
+        for i in range(rows + d.halo):
+            for a in range(d.phases_h):
+                ih = (row + i) * c.stride_h + a - c.pad_top
+                for b in range(d.phases_w):
+                    dst = band + ch * d.channel_stride + (a * d.phases_w + b) * d.plane + <ptrdiff_t>i * d.row_width
+                    # the columns j whose input column j * stride_w + b - pad_left lies in [0, width)
+                    first = min(d.row_width, ceil_div(c.pad_left - b, c.stride_w)) if c.pad_left > b else 0
+                    end = max(first, min(d.row_width, ceil_div(c.pad_left + c.width - b, c.stride_w)))
+                    if ih < 0 or ih >= c.height or first == end:
+                        memset(dst, 0, d.row_width * sizeof(floating))
+                        continue
+                    src = x + (<Py_ssize_t>ch * c.height + ih) * c.width + first * c.stride_w + b - c.pad_left
+                    memset(dst, 0, first * sizeof(floating))
+                    if floating is float:
+                        gather_float(dst + first, src, end - first, c.stride_w)
+                    else:
+                        gather_double(dst + first, src, end - first, c.stride_w)
+                    memset(dst + end, 0, (d.row_width - end) * sizeof(floating))
 
 
 cdef void store_tile(const floating* tile, const Conv* c, const Direct* d, int start, int end, int channels,
                      const floating* bias, floating* y) noexcept nogil:
-    """y[j, r, ow] = tile[j, q - start] (+ bias[j]) for the tile's pixels q = r * padded_width + ow in
+    """y[j, r, ow] = tile[j, q - start] (+ bias[j]) for the tile's pixels q = r * row_width + ow in
     [start, end) with ow < out_w (the others lie in the padding columns) and its first `channels` channels.
     y points at the band's first output row of the tile's first channel."""
     cdef int j, k, q, r, run
@@ -158,13 +177,13 @@ cdef void store_tile(const floating* tile, const Conv* c, const Direct* d, int s
         shift = bias[j] if bias != NULL else 0
         q = start
         while q < end:  # one run of valid pixels per output row
-            r = q // d.padded_width
-            run = min(end, r * d.padded_width + c.out_w) - q
-            dst = y + (<Py_ssize_t>j * c.out_h + r) * c.out_w + q - r * d.padded_width
+            r = q // d.row_width
+            run = min(end, r * d.row_width + c.out_w) - q
+            dst = y + (<Py_ssize_t>j * c.out_h + r) * c.out_w + q - r * d.row_width
             src = tile + j * d.width + q - start
             for k in range(run):
                 dst[k] = src[k] + shift
-            q = (r + 1) * d.padded_width
+            q = (r + 1) * d.row_width
 
 
 cdef void direct_unit(const floating* x, const floating* packed, const floating* bias, const Conv* c,
@@ -173,13 +192,12 @@ cdef void direct_unit(const floating* x, const floating* packed, const floating*
     """Output rows [row, row + rows) of one image, every channel: pad the band's input once per group, then
     for each block of d.channels channels sweep the tiles across it."""
     cdef int image = unit // d.bands, row = (unit % d.bands) * d.band_rows
-    cdef int rows = min(d.band_rows, c.out_h - row), pixels = rows * d.padded_width
+    cdef int rows = min(d.band_rows, c.out_h - row), pixels = rows * d.row_width
     cdef int g, block, start, channels
     cdef floating* y_block
     cdef const floating* w_block
     for g in range(c.groups):
-        pad_band(x + (<Py_ssize_t>image * c.channels + g * c.group_in) * c.height * c.width, c, d, row - c.pad_top,
-                 rows + d.halo, band)
+        pad_band(x + (<Py_ssize_t>image * c.channels + g * c.group_in) * c.height * c.width, c, d, row, rows, band)
         for block in range(d.blocks):
             channels = min(d.channels, c.group_out - block * d.channels)
             w_block = packed + (<Py_ssize_t>g * d.blocks + block) * c.group_in * d.taps * d.channels
@@ -197,11 +215,17 @@ cdef void direct_unit(const floating* x, const floating* packed, const floating*
 
 
 cdef tap_offsets(const Conv* c, const Direct* d, int length):
-    """Where each kernel tap (kh, kw) reads in a padded band, relative to the output pixel; `length` long,
-    the taps past the real ones reading at offset 0 (their results are dropped)."""
+    """Where each kernel tap (kh, kw) reads in a band (its phase plane, then its row and column there),
+    relative to the output pixel; `length` long, the taps past the real ones reading at offset 0 (their
+    results are dropped)."""
     offsets = np.zeros(length, np.intp)
-    offsets[:d.taps] = [kh * c.dilation_h * d.padded_width + kw * c.dilation_w
-                        for kh in range(c.kernel_h) for kw in range(c.kernel_w)]
+    cdef int kh, kw, t = 0, down, across
+    for kh in range(c.kernel_h):
+        for kw in range(c.kernel_w):
+            down, across = kh * c.dilation_h, kw * c.dilation_w
+            offsets[t] = (((down % c.stride_h) * d.phases_w + across % c.stride_w) * d.plane
+                          + (down // c.stride_h) * d.row_width + across // c.stride_w)
+            t += 1
     return offsets
 
 
@@ -265,8 +289,7 @@ cdef void direct_weight_unit(const floating* gy, const floating* x, const Conv* 
     cdef const floating* grads
     cdef floating* dst
     for g in range(c.groups):
-        pad_band(x + (<Py_ssize_t>image * c.channels + g * c.group_in) * c.height * c.width, c, d, row - c.pad_top,
-                 rows + d.halo, band)
+        pad_band(x + (<Py_ssize_t>image * c.channels + g * c.group_in) * c.height * c.width, c, d, row, rows, band)
         for block in range(d.blocks):
             channels = min(d.channels, c.group_out - block * d.channels)
             grads = gy + ((<Py_ssize_t>image * c.out_channels + g * c.group_out + block * d.channels) * c.out_h
@@ -284,10 +307,10 @@ cdef void direct_weight_unit(const floating* gy, const floating* x, const Conv* 
                 for k in range(ceil_div(d.taps, WEIGHT_TAPS)):
                     group = k * WEIGHT_TAPS
                     if floating is float:
-                        d.tiles.weight_float(grads, stride, band + ch * d.channel_stride, d.padded_width,
+                        d.tiles.weight_float(grads, stride, band + ch * d.channel_stride, d.row_width,
                                             taps + group, rows, c.out_w, sums)
                     else:
-                        d.tiles.weight_double(grads, stride, band + ch * d.channel_stride, d.padded_width,
+                        d.tiles.weight_double(grads, stride, band + ch * d.channel_stride, d.row_width,
                                              taps + group, rows, c.out_w, sums)
                     for j in range(channels):
                         dst = partial + ((<Py_ssize_t>g * c.group_out + block * d.channels + j) * c.group_in + ch) * d.taps

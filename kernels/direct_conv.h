@@ -119,6 +119,21 @@ __attribute__((target("avx2,fma"))) static inline double sum_double_avx2(__m256d
 #include "direct_tile.h"
 #endif
 
+/* dst[j] = src[j * stride] for j < n: one padded input row of a stride's phase (stride 1 and 2 in loops of
+ * their own, which the compiler vectorizes). */
+#define DIRECT_GATHER(T)                                                                                   \
+    static void gather_##T(T *restrict dst, const T *restrict src, int n, int stride)                   \
+    {                                                                                                      \
+        if (stride == 1)                                                                                   \
+            memcpy(dst, src, (size_t)n * sizeof(T));                                                       \
+        else if (stride == 2)                                                                              \
+            for (int j = 0; j < n; j++) dst[j] = src[2 * j];                                               \
+        else                                                                                               \
+            for (int j = 0; j < n; j++) dst[j] = src[(ptrdiff_t)j * stride];                               \
+    }
+DIRECT_GATHER(float)
+DIRECT_GATHER(double)
+
 /* The register tiles in use: a direct plan copies this table once (direct_current), so a switch of tiles
  * (direct_select) never reaches a call already running with buffers sized for the others. */
 typedef struct {

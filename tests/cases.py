@@ -61,6 +61,27 @@ def _draw_wide_conv(rng):
     )
 
 
+def _draw_wide_strided_conv(rng):
+    """Strides of 2 to 4 (one axis may be 1) with as many channels as _draw_wide_conv: the stride-phase split
+    of the direct path (phases of uneven lengths, kernels shorter and longer than the stride, dilations that
+    put every tap in one phase), on planes large enough to be cut into row bands."""
+    groups = int(rng.choice([1, 1, 2, 3]))
+    c_in, c_out = groups * int(rng.integers(1, 9)), groups * int(rng.integers(1, 13))
+    kh, kw = (int(k) for k in rng.integers(1, 8, size=2))
+    stride = tuple(int(s) for s in rng.choice([1, 2, 2, 3, 4], size=2))
+    if stride == (1, 1):
+        stride = (2, 2)
+    dilation = tuple(int(d) for d in rng.choice([1, 1, 2], size=2))
+    size = [int(s) for s in rng.integers(1, 41, size=2)]
+    size = [max(s, (k - 1) * d + 1) for s, k, d in zip(size, (kh, kw), dilation)]  # room for the kernel
+    return dict(
+        x_shape=(int(rng.choice([1, 2, 5, 9])), c_in, *size),
+        w_shape=(c_out, c_in // groups, kh, kw),
+        bias=bool(rng.random() < 0.7),
+        stride=stride, padding=tuple(int(p) for p in rng.integers(0, 4, size=2)), dilation=dilation, groups=groups,
+    )
+
+
 def _draw_pointwise(rng):
     """1x1, stride 1, unpadded: a plain GEMM on the input (im2col:pointwise), with groups and wide channels."""
     groups = int(rng.choice([1, 1, 2, 4]))
@@ -137,6 +158,11 @@ def pointwise_cases(count, seed):
 def wide_conv_cases(count, seed):
     """`count` valid random stride-1 convolutions with many channels (see _draw_wide_conv)."""
     return conv_cases(count, seed, _draw_wide_conv)
+
+
+def wide_strided_conv_cases(count, seed):
+    """`count` valid random strided convolutions with many channels (see _draw_wide_strided_conv)."""
+    return conv_cases(count, seed, _draw_wide_strided_conv)
 
 
 def case_params(case):

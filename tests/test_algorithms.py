@@ -19,6 +19,7 @@ from cases import (
     pool_kwargs,
     rel_err,
     wide_conv_cases,
+    wide_strided_conv_cases,
 )
 
 import fastconv
@@ -26,7 +27,8 @@ from fastconv import dispatch
 from fastconv.ops import CONV_OPS, OPS
 from fastconv.params import PoolBackwardParams, pool_params
 
-CONV_CASES = conv_cases(150, seed=12) + wide_conv_cases(60, seed=14) + pointwise_cases(30, seed=15)
+CONV_CASES = (conv_cases(150, seed=12) + wide_conv_cases(60, seed=14) + wide_strided_conv_cases(40, seed=16)
+              + pointwise_cases(30, seed=15))
 POOL_CASES = pool_cases(100, seed=13)
 DTYPES = [np.float32, np.float64]
 
@@ -136,6 +138,9 @@ THREAD_CASES = [
     dict(x_shape=(2, 6, 17, 15), w_shape=(8, 6, 3, 3), bias=True, stride=2, padding=1, dilation=1, groups=1),
     dict(x_shape=(4, 16, 12, 12), w_shape=(24, 16, 1, 1), bias=False, stride=1, padding=0, dilation=1, groups=1),
     dict(x_shape=(2, 3, 40, 40), w_shape=(64, 3, 5, 5), bias=True, stride=1, padding=2, dilation=1, groups=1),
+    dict(x_shape=(1, 3, 45, 46), w_shape=(20, 3, 7, 7), bias=True, stride=2, padding=3, dilation=1, groups=1),
+    dict(x_shape=(9, 24, 30, 29), w_shape=(20, 24, 3, 3), bias=False, stride=(2, 3), padding=1, dilation=1,
+         groups=1),
 ]
 
 

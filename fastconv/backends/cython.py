@@ -1,10 +1,11 @@
 """The Cython backend: compiled kernels from kernels/*.pyx (built by setup.py into fastconv/backends/_*.so).
 
-Algorithms: `direct` (stride-1 convolutions, with AVX-512 or AVX2 register tiles picked from the CPU at run
-time), `gemm` (any convolution: im2col of a block of work, a few images or a band of rows of one image, into a
-per-thread buffer, then single-threaded BLAS GEMMs from scipy.linalg.cython_blas; blocks in parallel under
-OpenMP), `winograd` and `winograd2` (3x3 stride-1 convolutions by Winograd's F(4x4, 3x3) and F(2x2, 3x3), on
-the project's own AVX-512 or AVX2 micro-kernels) and `pool` (max-pooling, parallel over the N*C planes).
+Algorithms: `direct` (any stride, split into its phases; the input gradient at stride 1 only; with AVX-512
+or AVX2 register tiles picked from the CPU at run time), `gemm` (any convolution: im2col of a block of work,
+a few images or a band of rows of one image, into a per-thread buffer, then single-threaded BLAS GEMMs from
+scipy.linalg.cython_blas; blocks in parallel under OpenMP), `winograd` and `winograd2` (3x3 stride-1
+convolutions by Winograd's F(4x4, 3x3) and F(2x2, 3x3), on the project's own AVX-512 or AVX2 micro-kernels)
+and `pool` (max-pooling, parallel over the N*C planes).
 Results are bitwise identical with any thread count.
 
 BLAS is kept single-threaded inside the parallel regions: a convolution call limits every loaded BLAS
@@ -95,10 +96,8 @@ def _direct_applicable(op, p, dtype):
         return reason
     if _conv_direct.vector_isa() == "none":
         return "needs AVX2 or AVX-512, which this CPU lacks"
-    if p.stride != (1, 1):
-        return "stride 1 only"
     if op == "conv2d_backward_input" and p.input_gradient_as_forward() is None:
-        return "input gradient only where the padding is at most the kernel's span"
+        return "input gradient at stride 1 only, where the padding is at most the kernel's span"
     return None
 
 
@@ -159,8 +158,8 @@ DIRECT_WEIGHT_MAX_K = 64
 
 
 def preferred(op, p, dtype):
-    """The default order of this backend's algorithms for a call (measuring off): direct for stride-1
-    convolutions (the weight gradient only of narrow layers), but 1x1 unpadded ones, which are one GEMM."""
+    """The default order of this backend's algorithms for a call (measuring off): direct (the weight gradient
+    only of narrow layers), but for 1x1 unpadded convolutions, which are one GEMM."""
     if op in POOL_OPS:
         return ("pool",)
     pointwise = (p.kernel_height, p.kernel_width, p.padding) == (1, 1, (0, 0, 0, 0))
