@@ -27,6 +27,15 @@ cdef extern from "direct_conv.h" nogil:
     ctypedef void (*direct_weight_double_fn)(const double* gy, ptrdiff_t gy_channel_stride, const double* band,
                                              ptrdiff_t band_row, const ptrdiff_t* taps, int rows, int width,
                                              double* out)
+    ctypedef void (*micro_float_fn)(int depth, const float* a, ptrdiff_t a_row, ptrdiff_t a_step, const float* b,
+                                    ptrdiff_t b_step, float* c, ptrdiff_t c_row, int accumulate)
+    ctypedef void (*micro_double_fn)(int depth, const double* a, ptrdiff_t a_row, ptrdiff_t a_step,
+                                     const double* b, ptrdiff_t b_step, double* c, ptrdiff_t c_row, int accumulate)
+    ctypedef struct micro_kernels:
+        const char* name
+        micro_float_fn float_kernels[4]
+        micro_double_fn double_kernels[4]
+        int mr, lanes_float, lanes_double
     ctypedef struct direct_tiles:
         const char* name
         direct_tile_float_fn tile_float
@@ -36,6 +45,8 @@ cdef extern from "direct_conv.h" nogil:
         int channels
         int width_float
         int width_double
+        micro_kernels micro
+    int MICRO_NV
     int direct_select(const char* name)
     direct_tiles direct_current()
     int WEIGHT_TAPS
@@ -335,16 +346,159 @@ cdef void direct_weight_partials(const floating[:, :, :, ::1] gy, const floating
                                band + d.buffer, band + d.buffer + block_size)
 
 
+cdef struct ChannelsLast:
+    int mr            # output channels per micro-kernel block
+    int lanes         # elements per vector: the input channels are padded to a multiple of it
+    int in_pad        # input channels of a group, padded
+    int out_pad       # output channels of a group, padded to whole blocks
+    int band_w        # padded input columns a band row holds
+    int band_h        # padded input rows of a full band
+    bint merged       # the band's output pixels are evenly spaced: one sum over all of them, not one per row
+    ptrdiff_t step    # from one output pixel's input to the next one's: stride_w * in_pad
+
+
+cdef ChannelsLast channels_last_plan(const Conv* c, const Direct* d, Py_ssize_t itemsize):
+    cdef ChannelsLast cl
+    cl.mr = d.tiles.micro.mr
+    cl.lanes = d.tiles.micro.lanes_double if itemsize == 8 else d.tiles.micro.lanes_float
+    cl.in_pad = ceil_div(c.group_in, cl.lanes) * cl.lanes
+    cl.out_pad = ceil_div(c.group_out, cl.mr) * cl.mr
+    cl.band_w = (c.out_w - 1) * c.stride_w + (c.kernel_w - 1) * c.dilation_w + 1
+    cl.band_h = (d.band_rows - 1) * c.stride_h + (c.kernel_h - 1) * c.dilation_h + 1
+    cl.merged = c.stride_h * cl.band_w == c.stride_w * c.out_w
+    cl.step = <ptrdiff_t>c.stride_w * cl.in_pad
+    return cl
+
+
+cdef void channels_last_band(const floating* x, const Conv* c, const ChannelsLast* cl, int row, int rows,
+                             floating* band) noexcept nogil:
+    """band[i, j, ch] = the zero-padded input of one image and group at row row * stride_h + i, column j (of
+    the padding's coordinates), channel ch (zeros past group_in): the input the output rows [row, row + rows)
+    read, channels last, so that each pixel's channels are one vector run."""
+    cdef int in_rows = (rows - 1) * c.stride_h + (c.kernel_h - 1) * c.dilation_h + 1
+    cdef int first = min(cl.band_w, c.pad_left), end = max(first, min(cl.band_w, c.pad_left + c.width))
+    cdef int i, ih, ch, j
+    cdef ptrdiff_t row_size = <ptrdiff_t>cl.band_w * cl.in_pad
+    cdef floating* dst
+    cdef const floating* src
+    for i in range(in_rows):
+        ih = row * c.stride_h - c.pad_top + i
+        dst = band + i * row_size
+        if ih < 0 or ih >= c.height:
+            memset(dst, 0, row_size * sizeof(floating))
+            continue
+        memset(dst, 0, first * cl.in_pad * sizeof(floating))
+        memset(dst + <ptrdiff_t>end * cl.in_pad, 0, (cl.band_w - end) * cl.in_pad * sizeof(floating))
+        for ch in range(c.group_in):
+            src = x + (<Py_ssize_t>ch * c.height + ih) * c.width - c.pad_left
+            for j in range(first, end):
+                dst[<ptrdiff_t>j * cl.in_pad + ch] = src[j]
+        if cl.in_pad > c.group_in:
+            for j in range(first, end):
+                memset(dst + <ptrdiff_t>j * cl.in_pad + c.group_in, 0, (cl.in_pad - c.group_in) * sizeof(floating))
+
+
+cdef void channels_last_weight_unit(const floating* gy, const floating* x, const Conv* c, const Direct* d,
+                                    const ChannelsLast* cl, int unit, floating* acc, floating* band,
+                                    floating* gy_block) noexcept nogil:
+    """acc[g, o, tap, ch] += the weight gradient of one unit (output rows [row, row + rows) of one image), as
+    micro-kernel blocks of mr output channels x input channels summed over the unit's output pixels (per
+    output row, or all at once where they are evenly spaced), one kernel tap at a time. A block short of mr
+    channels is read from a copy padded with zero channels, so no block reads past grad_output."""
+    cdef int image = unit // d.bands, row = (unit % d.bands) * d.band_rows
+    cdef int rows = min(d.band_rows, c.out_h - row)
+    cdef int sums = 1 if cl.merged else rows, depth = rows * c.out_w if cl.merged else c.out_w
+    cdef int g, block, channels, j, r, kh, kw, ch, vectors
+    cdef Py_ssize_t plane = <Py_ssize_t>c.out_h * c.out_w, a_row
+    cdef ptrdiff_t c_row = <ptrdiff_t>d.taps * cl.in_pad
+    cdef const floating* grads
+    cdef const floating* b
+    cdef floating* dst
+    for g in range(c.groups):
+        channels_last_band(x + (<Py_ssize_t>image * c.channels + g * c.group_in) * c.height * c.width, c, cl, row,
+                           rows, band)
+        for block in range(cl.out_pad // cl.mr):
+            channels = min(cl.mr, c.group_out - block * cl.mr)
+            grads = gy + ((<Py_ssize_t>image * c.out_channels + g * c.group_out + block * cl.mr) * c.out_h
+                          + row) * c.out_w
+            a_row = plane
+            if channels < cl.mr:
+                a_row = <Py_ssize_t>rows * c.out_w
+                for j in range(cl.mr):
+                    if j < channels:
+                        memcpy(gy_block + j * a_row, grads + j * plane, a_row * sizeof(floating))
+                    else:
+                        memset(gy_block + j * a_row, 0, a_row * sizeof(floating))
+                grads = gy_block
+            for r in range(sums):
+                for kh in range(c.kernel_h):
+                    for kw in range(c.kernel_w):
+                        b = band + (<ptrdiff_t>(r * c.stride_h + kh * c.dilation_h) * cl.band_w
+                                    + kw * c.dilation_w) * cl.in_pad
+                        dst = acc + ((<ptrdiff_t>g * cl.out_pad + block * cl.mr) * d.taps
+                                     + kh * c.kernel_w + kw) * cl.in_pad
+                        ch = 0
+                        while ch < cl.in_pad:
+                            vectors = min(MICRO_NV, (cl.in_pad - ch) // cl.lanes)
+                            if floating is float:
+                                d.tiles.micro.float_kernels[vectors](depth, grads + r * c.out_w, a_row, 1, b + ch,
+                                                                     cl.step, dst + ch, c_row, 1)
+                            else:
+                                d.tiles.micro.double_kernels[vectors](depth, grads + r * c.out_w, a_row, 1, b + ch,
+                                                                      cl.step, dst + ch, c_row, 1)
+                            ch += vectors * cl.lanes
+
+
+cdef void channels_last_to_weight(const floating* acc, const Conv* c, const Direct* d, const ChannelsLast* cl,
+                                  floating* weight) noexcept nogil:
+    """weight[g, o, ch, tap] = acc[g, o, tap, ch] for the real channels."""
+    cdef int g, o, ch, t
+    for g in range(c.groups):
+        for o in range(c.group_out):
+            for ch in range(c.group_in):
+                for t in range(d.taps):
+                    weight[0] = acc[((<ptrdiff_t>g * cl.out_pad + o) * d.taps + t) * cl.in_pad + ch]
+                    weight += 1
+
+
+cdef void channels_last_weight_partials(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
+                                        const Conv* c, const Direct* d, floating[:, ::1] partials, int threads):
+    """partials[k] = the weight gradient of the k-th fixed run of units, by channels-last micro-kernel blocks:
+    each run sums into its thread's accumulator (channels last), then copies it out in the weight's layout."""
+    cdef ChannelsLast cl = channels_last_plan(c, d, sizeof(floating))
+    cdef int chunks = partials.shape[0], units = c.batch * d.bands, chunk, unit
+    cdef Py_ssize_t band_size = <Py_ssize_t>cl.band_h * cl.band_w * cl.in_pad
+    cdef Py_ssize_t block_size = <Py_ssize_t>cl.mr * d.band_rows * c.out_w
+    cdef Py_ssize_t acc_size = <Py_ssize_t>c.groups * cl.out_pad * d.taps * cl.in_pad
+    cdef floating[:, ::1] workspace = np.empty((threads, band_size + block_size + acc_size),
+                                               np.asarray(partials).dtype)
+    cdef floating* band
+    cdef floating* acc
+    for chunk in prange(chunks, nogil=True, schedule="dynamic", num_threads=threads):
+        band = &workspace[omp_get_thread_num(), 0]
+        acc = band + band_size + block_size
+        memset(acc, 0, acc_size * sizeof(floating))
+        for unit in range(chunk * units // chunks, (chunk + 1) * units // chunks):
+            channels_last_weight_unit(&gy[0, 0, 0, 0], &x[0, 0, 0, 0], c, d, &cl, unit, acc, band,
+                                      band + band_size)
+        channels_last_to_weight(acc, c, d, &cl, &partials[chunk, 0])
+
+
 def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x, floating[:, :, :, ::1] gw,
                     p, int threads):
     """gw = the gradient of conv2d with respect to its weight, by the direct path: one partial per fixed run
-    of units (never per thread), the partials then added in their order."""
+    of units (never per thread), the partials then added in their order. Groups of at least a vector of input
+    channels are summed in channels-last micro-kernel blocks, narrower ones in weight tiles of taps."""
     cdef Conv c = geometry(p)
     cdef Direct d
     if not direct_plan(&c, sizeof(floating), &d):
         raise ValueError(f"the direct path does not serve the weight gradient of {p}")
     cdef floating[:, ::1] partials = np.empty((min(c.batch * d.bands, WEIGHT_PARTIALS),
                                                <Py_ssize_t>c.out_channels * c.k), np.asarray(gw).dtype)
-    direct_weight_partials(gy, x, &c, &d, partials, threads)
+    cdef int lanes = d.tiles.micro.lanes_double if sizeof(floating) == 8 else d.tiles.micro.lanes_float
+    if c.group_in >= lanes:
+        channels_last_weight_partials(gy, x, &c, &d, partials, threads)
+    else:
+        direct_weight_partials(gy, x, &c, &d, partials, threads)
     cdef floating[::1] flat_gw = np.asarray(gw).reshape(-1)
     sum_partials(partials, flat_gw, threads)

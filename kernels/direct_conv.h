@@ -11,6 +11,8 @@
 #include <stddef.h>
 #include <string.h>
 
+#include "micro_gemm.h"
+
 #define WEIGHT_TAPS 3
 #define TILE_PASTE_(a, b) a##b
 #define TILE_PASTE(a, b) TILE_PASTE_(a, b)
@@ -144,9 +146,10 @@ typedef struct {
     direct_weight_double_fn weight_double;
     int channels;                   /* output channels per tile */
     int width_float, width_double;  /* output positions per tile */
+    micro_kernels micro;            /* the weight gradient of wide layers: channels x input channels blocks */
 } direct_tiles;
 
-static direct_tiles direct_isa = {"none", NULL, NULL, NULL, NULL, 0, 0, 0};
+static direct_tiles direct_isa = {"none", NULL, NULL, NULL, NULL, 0, 0, 0, {"none", {NULL}, {NULL}, 0, 0, 0}};
 
 /* 1 if the CPU runs the named tiles ("avx512", "avx2" or "none"); they are then the ones used. */
 static int direct_select(const char *name)
@@ -156,6 +159,7 @@ static int direct_select(const char *name)
         direct_isa.tile_float = NULL, direct_isa.tile_double = NULL;
         direct_isa.weight_float = NULL, direct_isa.weight_double = NULL;
         direct_isa.channels = direct_isa.width_float = direct_isa.width_double = 0;
+        direct_isa.micro = micro_find("none");
         return 1;
     }
 #ifdef DIRECT_X86
@@ -166,6 +170,7 @@ static int direct_select(const char *name)
         direct_isa.weight_float = weight_float_avx512, direct_isa.weight_double = weight_double_avx512;
         direct_isa.channels = tile_float_avx512_channels;
         direct_isa.width_float = tile_float_avx512_width, direct_isa.width_double = tile_double_avx512_width;
+        direct_isa.micro = micro_find("avx512");
         return 1;
     }
     if (strcmp(name, "avx2") == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
@@ -174,6 +179,7 @@ static int direct_select(const char *name)
         direct_isa.weight_float = weight_float_avx2, direct_isa.weight_double = weight_double_avx2;
         direct_isa.channels = tile_float_avx2_channels;
         direct_isa.width_float = tile_float_avx2_width, direct_isa.width_double = tile_double_avx2_width;
+        direct_isa.micro = micro_find("avx2");
         return 1;
     }
 #endif

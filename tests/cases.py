@@ -82,6 +82,24 @@ def _draw_wide_strided_conv(rng):
     )
 
 
+def _draw_deep_conv(rng):
+    """Groups of 16 to 40 input channels, a vector and more: the direct path's channels-last weight gradient
+    (channels padded to whole vectors, output channels short of a block), any stride."""
+    groups = int(rng.choice([1, 1, 2]))
+    c_in, c_out = groups * int(rng.integers(16, 41)), groups * int(rng.integers(1, 21))
+    kh, kw = (int(k) for k in rng.integers(1, 5, size=2))
+    dilation = tuple(int(d) for d in rng.choice([1, 1, 2], size=2))
+    size = [int(s) for s in rng.integers(1, 15, size=2)]
+    size = [max(s, (k - 1) * d + 1) for s, k, d in zip(size, (kh, kw), dilation)]  # room for the kernel
+    return dict(
+        x_shape=(int(rng.choice([1, 2, 3])), c_in, *size),
+        w_shape=(c_out, c_in // groups, kh, kw),
+        bias=bool(rng.random() < 0.7),
+        stride=tuple(int(s) for s in rng.choice([1, 1, 2, 3], size=2)),
+        padding=tuple(int(p) for p in rng.integers(0, 3, size=2)), dilation=dilation, groups=groups,
+    )
+
+
 def _draw_pointwise(rng):
     """1x1, stride 1, unpadded: a plain GEMM on the input (im2col:pointwise), with groups and wide channels."""
     groups = int(rng.choice([1, 1, 2, 4]))
@@ -163,6 +181,11 @@ def wide_conv_cases(count, seed):
 def wide_strided_conv_cases(count, seed):
     """`count` valid random strided convolutions with many channels (see _draw_wide_strided_conv)."""
     return conv_cases(count, seed, _draw_wide_strided_conv)
+
+
+def deep_conv_cases(count, seed):
+    """`count` valid random convolutions with 16 to 40 input channels per group (see _draw_deep_conv)."""
+    return conv_cases(count, seed, _draw_deep_conv)
 
 
 def case_params(case):

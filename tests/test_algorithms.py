@@ -13,6 +13,7 @@ from cases import (
     conv_arrays,
     conv_cases,
     conv_kwargs,
+    deep_conv_cases,
     pointwise_cases,
     pool_cases,
     pool_input,
@@ -28,7 +29,7 @@ from fastconv.ops import CONV_OPS, OPS
 from fastconv.params import PoolBackwardParams, pool_params
 
 CONV_CASES = (conv_cases(150, seed=12) + wide_conv_cases(60, seed=14) + wide_strided_conv_cases(40, seed=16)
-              + pointwise_cases(30, seed=15))
+              + deep_conv_cases(20, seed=17) + pointwise_cases(30, seed=15))
 POOL_CASES = pool_cases(100, seed=13)
 DTYPES = [np.float32, np.float64]
 

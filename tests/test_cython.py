@@ -5,7 +5,16 @@ import threading
 
 import numpy as np
 import pytest
-from cases import TOLERANCE, case_params, conv_arrays, conv_kwargs, rel_err, wide_conv_cases, wide_strided_conv_cases
+from cases import (
+    TOLERANCE,
+    case_params,
+    conv_arrays,
+    conv_kwargs,
+    deep_conv_cases,
+    rel_err,
+    wide_conv_cases,
+    wide_strided_conv_cases,
+)
 
 import fastconv
 from fastconv import dispatch
@@ -105,7 +114,7 @@ def vector_isa(request):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_direct_path_against_oracle(vector_isa, dtype):
     conv = _cython()._conv_direct
-    for case in wide_conv_cases(25, seed=4) + wide_strided_conv_cases(15, seed=7):
+    for case in wide_conv_cases(25, seed=4) + wide_strided_conv_cases(15, seed=7) + deep_conv_cases(8, seed=8):
         p = case_params(case)
         direct = vector_isa != "none"
         assert conv.direct_serves(p, np.dtype(dtype).itemsize) == direct
