@@ -27,10 +27,12 @@ cdef extern from "direct_conv.h" nogil:
     ctypedef void (*direct_weight_double_fn)(const double* gy, ptrdiff_t gy_channel_stride, const double* band,
                                              ptrdiff_t band_row, const ptrdiff_t* taps, int rows, int width,
                                              double* out)
-    ctypedef void (*micro_float_fn)(int depth, const float* a, ptrdiff_t a_row, ptrdiff_t a_step, const float* b,
-                                    ptrdiff_t b_step, float* c, ptrdiff_t c_row, int accumulate)
-    ctypedef void (*micro_double_fn)(int depth, const double* a, ptrdiff_t a_row, ptrdiff_t a_step,
-                                     const double* b, ptrdiff_t b_step, double* c, ptrdiff_t c_row, int accumulate)
+    ctypedef void (*micro_float_fn)(int runs, int depth, const float* a, ptrdiff_t a_row, ptrdiff_t a_step,
+                                    ptrdiff_t a_run, const float* b, ptrdiff_t b_step, ptrdiff_t b_run, float* c,
+                                    ptrdiff_t c_row, int accumulate)
+    ctypedef void (*micro_double_fn)(int runs, int depth, const double* a, ptrdiff_t a_row, ptrdiff_t a_step,
+                                     ptrdiff_t a_run, const double* b, ptrdiff_t b_step, ptrdiff_t b_run, double* c,
+                                     ptrdiff_t c_row, int accumulate)
     ctypedef struct micro_kernels:
         const char* name
         micro_float_fn float_kernels[4]
@@ -347,14 +349,15 @@ cdef void direct_weight_partials(const floating[:, :, :, ::1] gy, const floating
 
 
 cdef struct ChannelsLast:
-    int mr            # output channels per micro-kernel block
-    int lanes         # elements per vector: the input channels are padded to a multiple of it
-    int in_pad        # input channels of a group, padded
-    int out_pad       # output channels of a group, padded to whole blocks
-    int band_w        # padded input columns a band row holds
-    int band_h        # padded input rows of a full band
-    bint merged       # the band's output pixels are evenly spaced: one sum over all of them, not one per row
-    ptrdiff_t step    # from one output pixel's input to the next one's: stride_w * in_pad
+    int mr              # output channels per micro-kernel block
+    int lanes           # elements per vector: the input channels are padded to a multiple of it
+    int in_pad          # input channels of a group, padded
+    int out_pad         # output channels of a group, padded to whole blocks
+    int band_w          # padded input columns a band row holds
+    int band_h          # padded input rows of a full band
+    bint merged         # the band's output pixels are evenly spaced: one run over all of them, not one per row
+    ptrdiff_t step      # from one output pixel's input to the next one's: stride_w * in_pad
+    ptrdiff_t row_step  # from one output row's input to the next one's: stride_h * band_w * in_pad
 
 
 cdef ChannelsLast channels_last_plan(const Conv* c, const Direct* d, Py_ssize_t itemsize):
@@ -367,6 +370,7 @@ cdef ChannelsLast channels_last_plan(const Conv* c, const Direct* d, Py_ssize_t 
     cl.band_h = (d.band_rows - 1) * c.stride_h + (c.kernel_h - 1) * c.dilation_h + 1
     cl.merged = c.stride_h * cl.band_w == c.stride_w * c.out_w
     cl.step = <ptrdiff_t>c.stride_w * cl.in_pad
+    cl.row_step = <ptrdiff_t>c.stride_h * cl.band_w * cl.in_pad
     return cl
 
 
@@ -402,13 +406,13 @@ cdef void channels_last_weight_unit(const floating* gy, const floating* x, const
                                     const ChannelsLast* cl, int unit, floating* acc, floating* band,
                                     floating* gy_block) noexcept nogil:
     """acc[g, o, tap, ch] += the weight gradient of one unit (output rows [row, row + rows) of one image), as
-    micro-kernel blocks of mr output channels x input channels summed over the unit's output pixels (per
-    output row, or all at once where they are evenly spaced), one kernel tap at a time. A block short of mr
+    micro-kernel blocks of mr output channels x input channels summed over the unit's output pixels (a run
+    per output row, or one run where they are all evenly spaced), one kernel tap at a time. A block short of mr
     channels is read from a copy padded with zero channels, so no block reads past grad_output."""
     cdef int image = unit // d.bands, row = (unit % d.bands) * d.band_rows
     cdef int rows = min(d.band_rows, c.out_h - row)
-    cdef int sums = 1 if cl.merged else rows, depth = rows * c.out_w if cl.merged else c.out_w
-    cdef int g, block, channels, j, r, kh, kw, ch, vectors
+    cdef int runs = 1 if cl.merged else rows, depth = rows * c.out_w if cl.merged else c.out_w
+    cdef int g, block, channels, j, kh, kw, ch, vectors
     cdef Py_ssize_t plane = <Py_ssize_t>c.out_h * c.out_w, a_row
     cdef ptrdiff_t c_row = <ptrdiff_t>d.taps * cl.in_pad
     cdef const floating* grads
@@ -430,23 +434,20 @@ cdef void channels_last_weight_unit(const floating* gy, const floating* x, const
                     else:
                         memset(gy_block + j * a_row, 0, a_row * sizeof(floating))
                 grads = gy_block
-            for r in range(sums):
-                for kh in range(c.kernel_h):
-                    for kw in range(c.kernel_w):
-                        b = band + (<ptrdiff_t>(r * c.stride_h + kh * c.dilation_h) * cl.band_w
-                                    + kw * c.dilation_w) * cl.in_pad
-                        dst = acc + ((<ptrdiff_t>g * cl.out_pad + block * cl.mr) * d.taps
-                                     + kh * c.kernel_w + kw) * cl.in_pad
-                        ch = 0
-                        while ch < cl.in_pad:
-                            vectors = min(MICRO_NV, (cl.in_pad - ch) // cl.lanes)
-                            if floating is float:
-                                d.tiles.micro.float_kernels[vectors](depth, grads + r * c.out_w, a_row, 1, b + ch,
-                                                                     cl.step, dst + ch, c_row, 1)
-                            else:
-                                d.tiles.micro.double_kernels[vectors](depth, grads + r * c.out_w, a_row, 1, b + ch,
-                                                                      cl.step, dst + ch, c_row, 1)
-                            ch += vectors * cl.lanes
+            for kh in range(c.kernel_h):
+                for kw in range(c.kernel_w):
+                    b = band + (<ptrdiff_t>kh * c.dilation_h * cl.band_w + kw * c.dilation_w) * cl.in_pad
+                    dst = acc + ((<ptrdiff_t>g * cl.out_pad + block * cl.mr) * d.taps + kh * c.kernel_w + kw) * cl.in_pad
+                    ch = 0
+                    while ch < cl.in_pad:
+                        vectors = min(MICRO_NV, (cl.in_pad - ch) // cl.lanes)
+                        if floating is float:
+                            d.tiles.micro.float_kernels[vectors](runs, depth, grads, a_row, 1, c.out_w, b + ch, cl.step,
+                                                                 cl.row_step, dst + ch, c_row, 1)
+                        else:
+                            d.tiles.micro.double_kernels[vectors](runs, depth, grads, a_row, 1, c.out_w, b + ch,
+                                                                  cl.step, cl.row_step, dst + ch, c_row, 1)
+                        ch += vectors * cl.lanes
 
 
 cdef void channels_last_to_weight(const floating* acc, const Conv* c, const Direct* d, const ChannelsLast* cl,

@@ -5,9 +5,11 @@
  *
  * A micro-kernel computes one MR x NR block
  *     c[i * c_row + j]  =  (accumulate ? c[i * c_row + j] : 0)
- *                          + sum over kk < depth of a[i * a_row + kk * a_step] * b[kk * b_step + j]
+ *                          + sum over run < runs, then kk < depth, of
+ *                            a[i * a_row + run * a_run + kk * a_step] * b[run * b_run + kk * b_step + j]
  * for i < MR and j < NR (NR = NV vectors): every accumulator stays in a register across the whole sum and the
- * terms are added in kk order, so a result depends on its inputs only. `a` is read by broadcasts: it may be
+ * terms are added in (run, kk) order, so a result depends on its inputs only. Runs let one sum cover depths
+ * that are not evenly spaced (a band's output rows, each row's pixels evenly spaced). `a` is read by broadcasts: it may be
  * packed (a_row = 1, a_step = MR) or any strided matrix (a_row = its row length, a_step = 1); each row of b is
  * NR contiguous elements. The AVX-512 blocks are 8 rows x 3 vectors (24 of the 32 registers accumulate), the
  * AVX2 ones 4 x 3 (12 of 16); blocks of 1 and 2 vectors finish a row whose length is not a multiple of 3. */
@@ -20,10 +22,12 @@
 #define MICRO_PASTE(a, b) MICRO_PASTE_(a, b)
 #define MICRO_NV 3  /* vectors per row of a full block */
 
-typedef void (*micro_float_fn)(int depth, const float *a, ptrdiff_t a_row, ptrdiff_t a_step, const float *b,
-                               ptrdiff_t b_step, float *c, ptrdiff_t c_row, int accumulate);
-typedef void (*micro_double_fn)(int depth, const double *a, ptrdiff_t a_row, ptrdiff_t a_step, const double *b,
-                                ptrdiff_t b_step, double *c, ptrdiff_t c_row, int accumulate);
+typedef void (*micro_float_fn)(int runs, int depth, const float *a, ptrdiff_t a_row, ptrdiff_t a_step,
+                               ptrdiff_t a_run, const float *b, ptrdiff_t b_step, ptrdiff_t b_run, float *c,
+                               ptrdiff_t c_row, int accumulate);
+typedef void (*micro_double_fn)(int runs, int depth, const double *a, ptrdiff_t a_row, ptrdiff_t a_step,
+                                ptrdiff_t a_run, const double *b, ptrdiff_t b_step, ptrdiff_t b_run, double *c,
+                                ptrdiff_t c_row, int accumulate);
 
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 #define MICRO_X86 1

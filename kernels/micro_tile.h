@@ -4,19 +4,22 @@
 typedef MT_T MICRO_PASTE(MT_NAME, _vec) __attribute__((vector_size(MT_LANES * sizeof(MT_T))));
 
 __attribute__((target(MT_TARGET)))
-static void MT_NAME(int depth, const MT_T *a, ptrdiff_t a_row, ptrdiff_t a_step, const MT_T *b, ptrdiff_t b_step,
-                    MT_T *c, ptrdiff_t c_row, int accumulate)
+static void MT_NAME(int runs, int depth, const MT_T *a, ptrdiff_t a_row, ptrdiff_t a_step, ptrdiff_t a_run,
+                    const MT_T *b, ptrdiff_t b_step, ptrdiff_t b_run, MT_T *c, ptrdiff_t c_row, int accumulate)
 {
     typedef MICRO_PASTE(MT_NAME, _vec) vec;
     vec acc[MT_MR][MT_NV];
     _Pragma("GCC unroll 8") for (int i = 0; i < MT_MR; i++)
         _Pragma("GCC unroll 4") for (int v = 0; v < MT_NV; v++) acc[i][v] = (vec){0};
-    for (int kk = 0; kk < depth; kk++, a += a_step, b += b_step) {
-        vec row[MT_NV];
-        _Pragma("GCC unroll 4") for (int v = 0; v < MT_NV; v++) memcpy(&row[v], b + v * MT_LANES, sizeof(vec));
-        _Pragma("GCC unroll 8") for (int i = 0; i < MT_MR; i++) {
-            MT_T weight = a[i * a_row];
-            _Pragma("GCC unroll 4") for (int v = 0; v < MT_NV; v++) acc[i][v] += row[v] * weight;
+    for (int run = 0; run < runs; run++, a += a_run, b += b_run) {
+        const MT_T *a_kk = a, *b_kk = b;
+        for (int kk = 0; kk < depth; kk++, a_kk += a_step, b_kk += b_step) {
+            vec row[MT_NV];
+            _Pragma("GCC unroll 4") for (int v = 0; v < MT_NV; v++) memcpy(&row[v], b_kk + v * MT_LANES, sizeof(vec));
+            _Pragma("GCC unroll 8") for (int i = 0; i < MT_MR; i++) {
+                MT_T weight = a_kk[i * a_row];
+                _Pragma("GCC unroll 4") for (int v = 0; v < MT_NV; v++) acc[i][v] += row[v] * weight;
+            }
         }
     }
     _Pragma("GCC unroll 8") for (int i = 0; i < MT_MR; i++)

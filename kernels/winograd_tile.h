@@ -194,11 +194,11 @@ WT_ALWAYS void WT_NAME(multiply)(int depth, const WT_T *a, ptrdiff_t a_row, ptrd
 {
     int j = 0;
     for (; j + MICRO_NV * WT_LANES <= n; j += MICRO_NV * WT_LANES)
-        MICRO_PASTE(WT_MICRO, _3)(depth, a, a_row, a_step, b + j, b_step, c + j, c_row, accumulate);
+        MICRO_PASTE(WT_MICRO, _3)(1, depth, a, a_row, a_step, 0, b + j, b_step, 0, c + j, c_row, accumulate);
     if (n - j == 2 * WT_LANES)
-        MICRO_PASTE(WT_MICRO, _2)(depth, a, a_row, a_step, b + j, b_step, c + j, c_row, accumulate);
+        MICRO_PASTE(WT_MICRO, _2)(1, depth, a, a_row, a_step, 0, b + j, b_step, 0, c + j, c_row, accumulate);
     else if (n - j == WT_LANES)
-        MICRO_PASTE(WT_MICRO, _1)(depth, a, a_row, a_step, b + j, b_step, c + j, c_row, accumulate);
+        MICRO_PASTE(WT_MICRO, _1)(1, depth, a, a_row, a_step, 0, b + j, b_step, 0, c + j, c_row, accumulate);
 }
 
 /* One block of a forward: tiles [first, first + count) of one group. */
