@@ -38,6 +38,8 @@ cdef extern from "direct_conv.h" nogil:
         micro_float_fn float_kernels[4]
         micro_double_fn double_kernels[4]
         int mr, lanes_float, lanes_double
+    ctypedef void (*evens_float_fn)(float* dst, const float* src, int n)
+    ctypedef void (*evens_double_fn)(double* dst, const double* src, int n)
     ctypedef struct direct_tiles:
         const char* name
         direct_tile_float_fn tile_float
@@ -48,12 +50,12 @@ cdef extern from "direct_conv.h" nogil:
         int width_float
         int width_double
         micro_kernels micro
+        evens_float_fn evens_float
+        evens_double_fn evens_double
     int MICRO_NV
     int direct_select(const char* name)
     direct_tiles direct_current()
     int WEIGHT_TAPS
-    void gather_float(float* dst, const float* src, int n, int stride)
-    void gather_double(double* dst, const double* src, int n, int stride)
 
 VECTOR_ISAS = ("avx512", "avx2", "none")  # the register tiles, best first ("none": the direct path serves nothing)
 
@@ -153,7 +155,7 @@ cdef void pad_band(const floating* x, const Conv* c, const Direct* d, int row, i
     """The band of output rows [row, row + rows) of one image, one group: band[ch, a, b, i, j] = the zero-padded
     input at row (row + i) * stride_h + a, column j * stride_w + b (zero outside the input), for the rows + halo
     phase rows i and row_width columns j of each phase (a, b). The input is read in row order."""
-    cdef int ch, a, b, i, ih, first, end
+    cdef int ch, a, b, i, ih, j, first, end
     cdef floating* dst
     cdef const floating* src
     for ch in range(c.group_in):
@@ -170,10 +172,16 @@ cdef void pad_band(const floating* x, const Conv* c, const Direct* d, int row, i
                         continue
                     src = x + (<Py_ssize_t>ch * c.height + ih) * c.width + first * c.stride_w + b - c.pad_left
                     memset(dst, 0, first * sizeof(floating))
-                    if floating is float:
-                        gather_float(dst + first, src, end - first, c.stride_w)
+                    if c.stride_w == 1:
+                        memcpy(dst + first, src, (end - first) * sizeof(floating))
+                    elif c.stride_w == 2:
+                        if floating is float:
+                            d.tiles.evens_float(dst + first, src, end - first)
+                        else:
+                            d.tiles.evens_double(dst + first, src, end - first)
                     else:
-                        gather_double(dst + first, src, end - first, c.stride_w)
+                        for j in range(end - first):
+                            dst[first + j] = src[<ptrdiff_t>j * c.stride_w]
                     memset(dst + end, 0, (d.row_width - end) * sizeof(floating))
 
 

@@ -1,13 +1,13 @@
-/* Register tiles for the direct (stride-1) convolution of kernels/conv_direct.pyx, in AVX-512 and AVX2 + FMA,
- * chosen at run time from what the CPU offers (the build itself stays generic: no -march needed). Where
- * neither exists (another architecture or compiler, an old CPU), direct_width() is 0 and conv.pyx uses its
- * im2col + GEMM algorithm alone serves.
+/* Register tiles for the direct convolution of kernels/conv_direct.pyx, in AVX-512 and AVX2 + FMA, chosen at
+ * run time from what the CPU offers (the build itself stays generic: no -march needed). Where neither exists
+ * (another architecture or compiler, an old CPU), the tiles are "none" and the direct algorithm serves nothing.
  *
- * A forward tile is direct_channels() output channels by direct_width() consecutive output positions of a
- * row-padded image (see conv_direct.pyx); its accumulators fill most of the vector registers: 8 x 3 vectors of the
- * 32 AVX-512 registers, 4 x 3 of the 16 AVX2 ones. Channel counts are mostly multiples of 8, so few tiles go
- * to waste. A weight-gradient tile is direct_channels() output channels by WEIGHT_TAPS kernel taps, each
- * accumulator a vector of partial sums over output columns. */
+ * A forward tile is the tile's output channels by its width of consecutive output positions of a padded band
+ * (see conv_direct.pyx); its accumulators fill most of the vector registers: 8 x 3 vectors of the 32 AVX-512
+ * registers, 4 x 3 of the 16 AVX2 ones. Channel counts are mostly multiples of 8, so few tiles go to waste. A
+ * weight-gradient tile is the tile's output channels by WEIGHT_TAPS kernel taps, each accumulator a vector of
+ * partial sums over output columns; groups of a vector of input channels or more take the micro-kernels of
+ * micro_gemm.h of the same instruction set instead. */
 #include <stddef.h>
 #include <string.h>
 
@@ -50,6 +50,48 @@ __attribute__((target("avx2,fma"))) static inline double sum_double_avx2(__m256d
 {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+
+/* dst[j] = src[2 * j] for j < n: a stride-2 phase of an input row. The vector loop reads src[2 * j + 1]
+ * too, so it stops before the last element (src[2 * n - 1] may lie past the row, and past the array). */
+__attribute__((target("avx512f"))) static void evens_float_avx512(float *dst, const float *src, int n)
+{
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    int j = 0;
+    for (; j + 16 < n; j += 16)
+        _mm512_storeu_ps(dst + j, _mm512_permutex2var_ps(_mm512_loadu_ps(src + 2 * j), even,
+                                                         _mm512_loadu_ps(src + 2 * j + 16)));
+    for (; j < n; j++) dst[j] = src[2 * j];
+}
+
+__attribute__((target("avx512f"))) static void evens_double_avx512(double *dst, const double *src, int n)
+{
+    const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+    int j = 0;
+    for (; j + 8 < n; j += 8)
+        _mm512_storeu_pd(dst + j, _mm512_permutex2var_pd(_mm512_loadu_pd(src + 2 * j), even,
+                                                         _mm512_loadu_pd(src + 2 * j + 8)));
+    for (; j < n; j++) dst[j] = src[2 * j];
+}
+
+__attribute__((target("avx2,fma"))) static void evens_float_avx2(float *dst, const float *src, int n)
+{
+    int j = 0;
+    for (; j + 8 < n; j += 8) {  /* per 128-bit lane e0 e1 | e2 e3, then the 64-bit pairs in order */
+        __m256 pairs = _mm256_shuffle_ps(_mm256_loadu_ps(src + 2 * j), _mm256_loadu_ps(src + 2 * j + 8),
+                                         _MM_SHUFFLE(2, 0, 2, 0));
+        _mm256_storeu_ps(dst + j, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), 0xD8)));
+    }
+    for (; j < n; j++) dst[j] = src[2 * j];
+}
+
+__attribute__((target("avx2,fma"))) static void evens_double_avx2(double *dst, const double *src, int n)
+{
+    int j = 0;
+    for (; j + 4 < n; j += 4)
+        _mm256_storeu_pd(dst + j, _mm256_permute4x64_pd(_mm256_unpacklo_pd(_mm256_loadu_pd(src + 2 * j),
+                                                                           _mm256_loadu_pd(src + 2 * j + 4)), 0xD8));
+    for (; j < n; j++) dst[j] = src[2 * j];
 }
 
 #define TILE_NAME tile_float_avx512
@@ -121,20 +163,6 @@ __attribute__((target("avx2,fma"))) static inline double sum_double_avx2(__m256d
 #include "direct_tile.h"
 #endif
 
-/* dst[j] = src[j * stride] for j < n: one padded input row of a stride's phase (stride 1 and 2 in loops of
- * their own, which the compiler vectorizes). */
-#define DIRECT_GATHER(T)                                                                                   \
-    static void gather_##T(T *restrict dst, const T *restrict src, int n, int stride)                   \
-    {                                                                                                      \
-        if (stride == 1)                                                                                   \
-            memcpy(dst, src, (size_t)n * sizeof(T));                                                       \
-        else if (stride == 2)                                                                              \
-            for (int j = 0; j < n; j++) dst[j] = src[2 * j];                                               \
-        else                                                                                               \
-            for (int j = 0; j < n; j++) dst[j] = src[(ptrdiff_t)j * stride];                               \
-    }
-DIRECT_GATHER(float)
-DIRECT_GATHER(double)
 
 /* The register tiles in use: a direct plan copies this table once (direct_current), so a switch of tiles
  * (direct_select) never reaches a call already running with buffers sized for the others. */
@@ -147,9 +175,12 @@ typedef struct {
     int channels;                   /* output channels per tile */
     int width_float, width_double;  /* output positions per tile */
     micro_kernels micro;            /* the weight gradient of wide layers: channels x input channels blocks */
+    void (*evens_float)(float *, const float *, int);  /* a stride-2 phase of an input row */
+    void (*evens_double)(double *, const double *, int);
 } direct_tiles;
 
-static direct_tiles direct_isa = {"none", NULL, NULL, NULL, NULL, 0, 0, 0, {"none", {NULL}, {NULL}, 0, 0, 0}};
+static direct_tiles direct_isa = {"none", NULL, NULL, NULL, NULL, 0, 0, 0, {"none", {NULL}, {NULL}, 0, 0, 0},
+                                  NULL, NULL};
 
 /* 1 if the CPU runs the named tiles ("avx512", "avx2" or "none"); they are then the ones used. */
 static int direct_select(const char *name)
@@ -160,6 +191,7 @@ static int direct_select(const char *name)
         direct_isa.weight_float = NULL, direct_isa.weight_double = NULL;
         direct_isa.channels = direct_isa.width_float = direct_isa.width_double = 0;
         direct_isa.micro = micro_find("none");
+        direct_isa.evens_float = NULL, direct_isa.evens_double = NULL;
         return 1;
     }
 #ifdef DIRECT_X86
@@ -171,6 +203,7 @@ static int direct_select(const char *name)
         direct_isa.channels = tile_float_avx512_channels;
         direct_isa.width_float = tile_float_avx512_width, direct_isa.width_double = tile_double_avx512_width;
         direct_isa.micro = micro_find("avx512");
+        direct_isa.evens_float = evens_float_avx512, direct_isa.evens_double = evens_double_avx512;
         return 1;
     }
     if (strcmp(name, "avx2") == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
@@ -180,6 +213,7 @@ static int direct_select(const char *name)
         direct_isa.channels = tile_float_avx2_channels;
         direct_isa.width_float = tile_float_avx2_width, direct_isa.width_double = tile_double_avx2_width;
         direct_isa.micro = micro_find("avx2");
+        direct_isa.evens_float = evens_float_avx2, direct_isa.evens_double = evens_double_avx2;
         return 1;
     }
 #endif

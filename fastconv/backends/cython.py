@@ -151,19 +151,12 @@ ALGORITHMS = (
               _indexable),
 )
 
-# The weight gradient goes direct first only where its GEMM would be this narrow (C_in/G * KH * KW columns):
-# a weight tile sums over one plane's columns and then across its lanes, which pays on first layers and
-# loses to the GEMM on wider ones.
-DIRECT_WEIGHT_MAX_K = 64
-
 
 def preferred(op, p, dtype):
-    """The default order of this backend's algorithms for a call (measuring off): direct (the weight gradient
-    only of narrow layers), but for 1x1 unpadded convolutions, which are one GEMM."""
+    """The default order of this backend's algorithms for a call (measuring off): direct, but GEMM first for
+    1x1 unpadded convolutions, which are one GEMM."""
     if op in POOL_OPS:
         return ("pool",)
-    pointwise = (p.kernel_height, p.kernel_width, p.padding) == (1, 1, (0, 0, 0, 0))
-    narrow = p.in_channels // p.groups * p.kernel_height * p.kernel_width < DIRECT_WEIGHT_MAX_K
-    if pointwise or (op == "conv2d_backward_weight" and not narrow):
+    if (p.kernel_height, p.kernel_width, p.padding) == (1, 1, (0, 0, 0, 0)):
         return ("gemm", "direct")
     return ("direct", "gemm")
