@@ -3,8 +3,9 @@
 rows) copies its input rows, zero-padded, into a per-thread buffer, a strided convolution's split into the
 stride's phases (see direct_plan); every output pixel is then a fixed set of taps of that buffer at fixed
 offsets, and the register tiles of direct_conv.h (channels x pixels) accumulate them without any column
-matrix. The stride-1 input gradient is a forward convolution with the flipped kernel; the weight gradient
-sums tiles of channels x taps over each unit's rows, in WEIGHT_PARTIALS fixed partials added in a fixed
+matrix. The input gradient runs the same tiles over a band of grad_output, one stride phase of the input at
+a time (see transposed_plan); the weight gradient sums tiles of channels x taps over each unit's rows, or
+channels-last micro-kernel blocks for wide groups, in WEIGHT_PARTIALS fixed partials added in a fixed
 order. The units depend on the shape only: results are bitwise identical whatever the number of threads.
 """
 import numpy as np
@@ -126,27 +127,18 @@ def direct_serves(p, Py_ssize_t itemsize):
     return direct_plan(&c, itemsize, &d)
 
 
-cdef void pack_weight(const floating* w, const Conv* c, const Direct* d, bint flipped, floating* packed) noexcept nogil:
+cdef void pack_weight(const floating* w, const Conv* c, const Direct* d, floating* packed) noexcept nogil:
     """packed[g, block, ch, tap, j] = the weight of output channel block * d.channels + j of group g (zero past
-    the group's channels), as the register tiles read it. flipped: w is the weight of the convolution whose
-    input gradient this is, (c.group_in, c.out_channels, kh, kw) per group: its channel axes swap and its
-    taps run backwards."""
+    the group's channels), as the register tiles read it."""
     cdef int g, block, ch, tap, j, o
-    cdef Py_ssize_t source
     for g in range(c.groups):
         for block in range(d.blocks):
             for ch in range(c.group_in):
                 for tap in range(d.taps):
                     for j in range(d.channels):
                         o = block * d.channels + j
-                        if o >= c.group_out:
-                            packed[0] = 0
-                        elif flipped:
-                            source = ((<Py_ssize_t>g * c.group_in + ch) * c.group_out + o) * d.taps + d.taps - 1 - tap
-                            packed[0] = w[source]
-                        else:
-                            source = ((<Py_ssize_t>g * c.group_out + o) * c.group_in + ch) * d.taps + tap
-                            packed[0] = w[source]
+                        packed[0] = (w[((<Py_ssize_t>g * c.group_out + o) * c.group_in + ch) * d.taps + tap]
+                                     if o < c.group_out else 0)
                         packed += 1
 
 
@@ -251,12 +243,11 @@ cdef tap_offsets(const Conv* c, const Direct* d, int length):
 
 
 cdef void direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, const floating* bias,
-                 floating[:, :, :, ::1] y, const Conv* c, const Direct* d, bint flipped, int threads):
-    """y = conv2d(x, w) + bias by the direct path; flipped: w is the weight of the convolution whose stride-1
-    input gradient this is (params.input_gradient_as_forward)."""
+                 floating[:, :, :, ::1] y, const Conv* c, const Direct* d, int threads):
+    """y = conv2d(x, w) + bias by the direct path."""
     dtype = np.asarray(y).dtype
     cdef floating[::1] packed = np.empty(c.groups * d.blocks * c.group_in * d.taps * d.channels, dtype)
-    pack_weight(&w[0, 0, 0, 0], c, d, flipped, &packed[0])
+    pack_weight(&w[0, 0, 0, 0], c, d, &packed[0])
     cdef ptrdiff_t[::1] taps = tap_offsets(c, d, d.taps)
     # zeroed once: the slack past the band and the rows a short last band leaves stale are read by tiles
     # whose results are never stored, and must not hold signalling garbage
@@ -276,23 +267,193 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, cons
     cdef Direct d
     if not direct_plan(&c, sizeof(floating), &d):
         raise ValueError(f"the direct path does not serve {p}")
-    direct(x, w, bias_pointer(bias), y, &c, &d, False, threads)
+    direct(x, w, bias_pointer(bias), y, &c, &d, threads)
 
+
+
+cdef struct Transposed:
+    direct_tiles tiles         # the register tiles of this call, copied when it is planned
+    int channels, width        # a tile's input-gradient channels and pixels
+    int reach_h, reach_w       # how many grad_output rows / columns back a tap reaches from its phase pixel
+    int first_i, first_j       # the first phase row / column holding an input pixel
+    int phase_rows, phase_cols  # phase rows / columns holding input pixels
+    int row_width              # a band row: phase_cols + reach_w
+    int band_rows              # phase rows per unit of work (an image's last band may have fewer)
+    int bands                  # units per image
+    int blocks                 # tiles of `channels` input-gradient channels per group
+    ptrdiff_t channel_stride   # one grad_output channel's rows in the band: (band_rows + reach_h) * row_width
+    ptrdiff_t buffer           # the band buffer, with the slack the last tile reads past its end
+
+
+cdef bint transposed_plan(const Conv* c, Py_ssize_t itemsize, Transposed* t):
+    """The input gradient's cut of the work, or False without vector tiles. The padded input splits into the
+    stride's phases: input pixel (i * stride_h + a, j * stride_w + b) of the padding's coordinates gathers
+    grad_output (i - q_kh, j - q_kw) times w[kh, kw] over the taps with kh * dilation_h = q_kh * stride_h + a
+    (columns alike), a stride-1 correlation of grad_output per phase with that phase's taps, all of them read
+    from one zero-padded band of grad_output rows."""
+    t.tiles = direct_current()
+    t.channels, t.width = t.tiles.channels, (t.tiles.width_double if itemsize == 8 else t.tiles.width_float)
+    if t.width == 0:
+        return False
+    t.reach_h = (c.kernel_h - 1) * c.dilation_h // c.stride_h
+    t.reach_w = (c.kernel_w - 1) * c.dilation_w // c.stride_w
+    t.first_i, t.first_j = c.pad_top // c.stride_h, c.pad_left // c.stride_w
+    t.phase_rows = ceil_div(c.pad_top + c.height, c.stride_h) - t.first_i
+    t.phase_cols = ceil_div(c.pad_left + c.width, c.stride_w) - t.first_j
+    t.row_width = t.phase_cols + t.reach_w
+    cdef Py_ssize_t row_bytes = <Py_ssize_t>c.group_out * t.row_width * itemsize
+    cdef int rows = ceil_div(t.phase_rows, ceil_div(MIN_UNITS, c.batch)) if c.batch < MIN_UNITS else t.phase_rows
+    rows = <int>max(1, min(rows, BAND_BYTES // row_bytes - t.reach_h))
+    t.band_rows = ceil_div(t.phase_rows, ceil_div(t.phase_rows, rows))
+    t.bands = ceil_div(t.phase_rows, t.band_rows)
+    t.blocks = ceil_div(c.group_in, t.channels)
+    t.channel_stride = <ptrdiff_t>(t.band_rows + t.reach_h) * t.row_width
+    t.buffer = c.group_out * t.channel_stride + t.width + t.reach_w
+    return True
+
+
+cdef phase_taps(const Conv* c, const Transposed* t):
+    """The kernel taps (kh, kw) by phase (a, b), phase after phase, each with its offset in the band relative to
+    the phase pixel, and where each phase's taps start (phases + 1 of them)."""
+    cdef int phases = c.stride_h * c.stride_w, a, b, kh, kw
+    order, offsets, starts = [], [], [0]
+    for a in range(c.stride_h):
+        for b in range(c.stride_w):
+            for kh in range(c.kernel_h):
+                for kw in range(c.kernel_w):
+                    if kh * c.dilation_h % c.stride_h == a and kw * c.dilation_w % c.stride_w == b:
+                        order.append(kh * c.kernel_w + kw)
+                        offsets.append((t.reach_h - kh * c.dilation_h // c.stride_h) * t.row_width
+                                       + t.reach_w - kw * c.dilation_w // c.stride_w)
+            starts.append(len(order))
+    return np.array(order, np.intp), np.array(offsets, np.intp), np.array(starts, np.intp)
+
+
+cdef void pack_phase_weight(const floating* w, const Conv* c, const Transposed* t, const ptrdiff_t* order,
+                            const ptrdiff_t* starts, floating* packed) noexcept nogil:
+    """packed[phase][g, block, co, tap, j] = w[g * group_out + co, block * channels + j, tap] (zero past the
+    group's input channels) over each phase's taps: the tiles' weights, grad_output channels as their input."""
+    cdef int phase, g, block, co, k, j, ci
+    for phase in range(c.stride_h * c.stride_w):
+        for g in range(c.groups):
+            for block in range(t.blocks):
+                for co in range(c.group_out):
+                    for k in range(starts[phase], starts[phase + 1]):
+                        for j in range(t.channels):
+                            ci = block * t.channels + j
+                            packed[0] = (w[((<Py_ssize_t>g * c.group_out + co) * c.group_in + ci)
+                                           * c.kernel_h * c.kernel_w + order[k]] if ci < c.group_in else 0)
+                            packed += 1
+
+
+cdef void grad_output_band(const floating* gy, const Conv* c, const Transposed* t, int i, int rows,
+                           floating* band) noexcept nogil:
+    """band[co, r, k] = grad_output (one image and group) at row first_i + i + r - reach_h, column
+    first_j + k - reach_w, zero outside it, for the rows + reach_h rows of phase rows [i, i + rows)."""
+    cdef int co, r, oh
+    cdef int first = min(t.row_width, max(0, t.reach_w - t.first_j))  # band columns before grad_output's first
+    cdef int end = max(first, min(t.row_width, c.out_w + t.reach_w - t.first_j))
+    cdef floating* dst
+    for co in range(c.group_out):
+        for r in range(rows + t.reach_h):
+            oh = t.first_i + i + r - t.reach_h
+            dst = band + co * t.channel_stride + <ptrdiff_t>r * t.row_width
+            if oh < 0 or oh >= c.out_h or first == end:
+                memset(dst, 0, t.row_width * sizeof(floating))
+                continue
+            memset(dst, 0, first * sizeof(floating))
+            memcpy(dst + first, gy + (<Py_ssize_t>co * c.out_h + oh) * c.out_w + first + t.first_j - t.reach_w,
+                   (end - first) * sizeof(floating))
+            memset(dst + end, 0, (t.row_width - end) * sizeof(floating))
+
+
+cdef void store_phase_tile(const floating* tile, const Conv* c, const Transposed* t, int i, int a, int b,
+                           int start, int end, int channels, floating* gx) noexcept nogil:
+    """gx[j, ih, iw] = tile[j, q - start] for the tile's pixels q = r * row_width + k of phase (a, b) in
+    [start, end) that are input pixels: ih = (first_i + i + r) * stride_h + a - pad_top and
+    iw = (first_j + k) * stride_w + b - pad_left inside the input. gx points at the tile's first channel."""
+    # the columns k whose input column lies in [0, width)
+    cdef int low = max(0, ceil_div(c.pad_left - b, c.stride_w) - t.first_j)
+    cdef int high = min(t.phase_cols, ceil_div(c.pad_left + c.width - b, c.stride_w) - t.first_j)
+    cdef int j, k, q, r, ih, first, last
+    cdef Py_ssize_t plane = <Py_ssize_t>c.height * c.width
+    cdef floating* dst
+    cdef const floating* src
+    q = start
+    while q < end:  # one run per phase row
+        r = q // t.row_width
+        ih = (t.first_i + i + r) * c.stride_h + a - c.pad_top
+        first = max(q - r * t.row_width, low)
+        last = min(end - r * t.row_width, high)
+        if 0 <= ih < c.height and first < last:
+            for j in range(channels):
+                dst = gx + j * plane + <Py_ssize_t>ih * c.width + (t.first_j + first) * c.stride_w + b - c.pad_left
+                src = tile + j * t.width + r * t.row_width + first - start
+                if c.stride_w == 1:
+                    memcpy(dst, src, (last - first) * sizeof(floating))
+                else:
+                    for k in range(last - first):
+                        dst[k * c.stride_w] = src[k]
+        q = (r + 1) * t.row_width
+
+
+cdef void transposed_unit(const floating* gy, const floating* packed, const Conv* c, const Transposed* t,
+                          const ptrdiff_t* offsets, const ptrdiff_t* starts, int unit, floating* gx,
+                          floating* band, floating* tile) noexcept nogil:
+    """Phase rows [i, i + rows) of one image, every phase and input channel: the band of grad_output once per
+    group, then for each phase and block of channels the tiles swept across it (a phase with no tap is zero)."""
+    cdef int image = unit // t.bands, i = (unit % t.bands) * t.band_rows
+    cdef int rows = min(t.band_rows, t.phase_rows - i), pixels = rows * t.row_width
+    cdef int g, block, start, channels, phase, n_taps, j
+    cdef floating* gx_block
+    cdef const floating* w_block
+    cdef Py_ssize_t phase_pack = 0
+    for g in range(c.groups):
+        grad_output_band(gy + (<Py_ssize_t>image * c.out_channels + g * c.group_out) * c.out_h * c.out_w, c, t, i,
+                         rows, band)
+        phase_pack = 0
+        for phase in range(c.stride_h * c.stride_w):
+            n_taps = <int>(starts[phase + 1] - starts[phase])
+            for block in range(t.blocks):
+                channels = min(t.channels, c.group_in - block * t.channels)
+                w_block = packed + phase_pack + (<Py_ssize_t>g * t.blocks + block) * c.group_out * n_taps * t.channels
+                gx_block = gx + (<Py_ssize_t>image * c.channels + g * c.group_in + block * t.channels) * c.height * c.width
+                start = 0
+                while start < pixels:
+                    if n_taps == 0:
+                        memset(tile, 0, t.channels * t.width * sizeof(floating))
+                    elif floating is float:
+                        t.tiles.tile_float(band + start, t.channel_stride, c.group_out, offsets + starts[phase],
+                                           n_taps, w_block, tile)
+                    else:
+                        t.tiles.tile_double(band + start, t.channel_stride, c.group_out, offsets + starts[phase],
+                                            n_taps, w_block, tile)
+                    store_phase_tile(tile, c, t, i, phase // c.stride_w, phase % c.stride_w, start,
+                                     min(start + t.width, pixels), channels, gx_block)
+                    start += t.width
+            phase_pack += <Py_ssize_t>c.groups * t.blocks * c.group_out * n_taps * t.channels
 
 
 def backward_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] w,
-                          floating[:, :, :, ::1] gx, p, int threads):
-    """gx = the gradient of conv2d with respect to its input, as the direct forward convolution of gy with
-    the flipped kernel (stride 1, padding at most the kernel's span)."""
-    cdef Conv as_forward
-    cdef Direct d
-    as_forward_params = p.input_gradient_as_forward()
-    if as_forward_params is None:
+                   floating[:, :, :, ::1] gx, p, int threads):
+    """gx = the gradient of conv2d with respect to its input, by the direct path over the stride's phases."""
+    cdef Conv c = geometry(p)
+    cdef Transposed t
+    if not transposed_plan(&c, sizeof(floating), &t):
         raise ValueError(f"the direct path does not serve the input gradient of {p}")
-    as_forward = geometry(as_forward_params)
-    if not direct_plan(&as_forward, sizeof(floating), &d):
-        raise ValueError(f"the direct path does not serve the input gradient of {p}")
-    direct(gy, w, NULL, gx, &as_forward, &d, True, threads)
+    order, offsets, starts = phase_taps(&c, &t)
+    cdef ptrdiff_t[::1] tap_order = order, tap_offset = offsets, tap_starts = starts
+    dtype = np.asarray(gx).dtype
+    cdef floating[::1] packed = np.empty(c.groups * t.blocks * c.group_out * c.kernel_h * c.kernel_w * t.channels,
+                                         dtype)
+    pack_phase_weight(&w[0, 0, 0, 0], &c, &t, &tap_order[0], &tap_starts[0], &packed[0])
+    cdef floating[:, ::1] workspace = np.zeros((threads, t.buffer + t.channels * t.width), dtype)
+    cdef floating* band
+    cdef int unit
+    for unit in prange(c.batch * t.bands, nogil=True, schedule="dynamic", num_threads=threads):
+        band = &workspace[omp_get_thread_num(), 0]
+        transposed_unit(&gy[0, 0, 0, 0], &packed[0], &c, &t, &tap_offset[0], &tap_starts[0], unit,
+                        &gx[0, 0, 0, 0], band, band + t.buffer)
 
 
 

@@ -52,26 +52,34 @@ __attribute__((target("avx2,fma"))) static inline double sum_double_avx2(__m256d
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
 }
 
-/* dst[j] = src[2 * j] for j < n: a stride-2 phase of an input row. The vector loop reads src[2 * j + 1]
- * too, so it stops before the last element (src[2 * n - 1] may lie past the row, and past the array). */
+/* dst[j] = src[2 * j] for j < n: a stride-2 phase of an input row. Only src[0 .. 2n - 2] is read (what lies
+ * past it may lie past the row, and past the array): the last vectors are masked loads and stores. */
+__attribute__((target("avx512f"))) static inline __mmask16 first_lanes16(int n)
+{
+    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
+
 __attribute__((target("avx512f"))) static void evens_float_avx512(float *dst, const float *src, int n)
 {
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    int j = 0;
-    for (; j + 16 < n; j += 16)
-        _mm512_storeu_ps(dst + j, _mm512_permutex2var_ps(_mm512_loadu_ps(src + 2 * j), even,
-                                                         _mm512_loadu_ps(src + 2 * j + 16)));
-    for (; j < n; j++) dst[j] = src[2 * j];
+    for (int j = 0; j < n; j += 16) {
+        int reads = 2 * (n - j) - 1;  /* elements of src from src + 2j on that may be read */
+        __m512 low = _mm512_maskz_loadu_ps(first_lanes16(reads), src + 2 * j);
+        __m512 high = _mm512_maskz_loadu_ps(first_lanes16(reads - 16), src + 2 * j + 16);
+        _mm512_mask_storeu_ps(dst + j, first_lanes16(n - j), _mm512_permutex2var_ps(low, even, high));
+    }
 }
 
 __attribute__((target("avx512f"))) static void evens_double_avx512(double *dst, const double *src, int n)
 {
     const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
-    int j = 0;
-    for (; j + 8 < n; j += 8)
-        _mm512_storeu_pd(dst + j, _mm512_permutex2var_pd(_mm512_loadu_pd(src + 2 * j), even,
-                                                         _mm512_loadu_pd(src + 2 * j + 8)));
-    for (; j < n; j++) dst[j] = src[2 * j];
+    for (int j = 0; j < n; j += 8) {
+        int reads = 2 * (n - j) - 1;
+        __m512d low = _mm512_maskz_loadu_pd((__mmask8)first_lanes16(reads < 8 ? reads : 8), src + 2 * j);
+        __m512d high = _mm512_maskz_loadu_pd((__mmask8)first_lanes16(reads - 8 < 8 ? reads - 8 : 8), src + 2 * j + 8);
+        _mm512_mask_storeu_pd(dst + j, (__mmask8)first_lanes16(n - j < 8 ? n - j : 8),
+                              _mm512_permutex2var_pd(low, even, high));
+    }
 }
 
 __attribute__((target("avx2,fma"))) static void evens_float_avx2(float *dst, const float *src, int n)

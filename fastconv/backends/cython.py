@@ -1,7 +1,7 @@
 """The Cython backend: compiled kernels from kernels/*.pyx (built by setup.py into fastconv/backends/_*.so).
 
-Algorithms: `direct` (any stride, split into its phases; the input gradient at stride 1 only; with AVX-512
-or AVX2 register tiles picked from the CPU at run time), `gemm` (any convolution: im2col of a block of work,
+Algorithms: `direct` (any convolution, strides split into their phases; with AVX-512 or AVX2 register tiles
+picked from the CPU at run time), `gemm` (any convolution: im2col of a block of work,
 a few images or a band of rows of one image, into a per-thread buffer, then single-threaded BLAS GEMMs from
 scipy.linalg.cython_blas; blocks in parallel under OpenMP), `winograd` and `winograd2` (3x3 stride-1
 convolutions by Winograd's F(4x4, 3x3) and F(2x2, 3x3), on the project's own AVX-512 or AVX2 micro-kernels)
@@ -96,8 +96,6 @@ def _direct_applicable(op, p, dtype):
         return reason
     if _conv_direct.vector_isa() == "none":
         return "needs AVX2 or AVX-512, which this CPU lacks"
-    if op == "conv2d_backward_input" and p.input_gradient_as_forward() is None:
-        return "input gradient at stride 1 only, where the padding is at most the kernel's span"
     return None
 
 
