@@ -72,6 +72,30 @@ def test_report_folder(results, tmp_path):
     assert "|" in render.summary(results) and "auto against the fastest algorithm" in render.summary(results)
 
 
+def test_the_full_suite_runs_every_convolution_in_float64_on_auto_and_pytorch():
+    float64 = [(case, ops, sides) for case, dtype, ops, sides in measure._runs(list(suite.CONVS), list(suite.POOLS))
+               if dtype == np.float64]
+    measured = [(case, op) for case, ops, _ in float64 for op in ops]
+    assert sorted(measured, key=str) == sorted(((case, op) for case in suite.CONVS for op in CONV_OPS), key=str)
+    for case, ops, sides in float64:
+        assert sides == (None if (case, ops) == (suite.FLOAT64_CASE, ("conv2d_forward",)) else ("auto", "torch"))
+    quick = [run for run in measure._runs(list(suite.QUICK_CONVS), list(suite.QUICK_POOLS)) if run[1] == np.float64]
+    assert quick == [(suite.FLOAT64_CASE, np.float64, ("conv2d_forward",), None)]
+
+
+def test_float64_rows_get_their_section_and_speedups(results, tmp_path):
+    auto = [dict(r, dtype="float64")
+            for r in results["rows"] if r["kind"] == "conv" and r["backend"] == "auto" and r["status"] == "ok"]
+    rows = auto + [{**{k: v for k, v in r.items() if k != "chose"}, "backend": "torch", "median_s": 3 * r["median_s"]}
+                   for r in auto]  # PyTorch 3x slower on every case
+    found = stats.float64_against_torch(dict(results, rows=results["rows"] + rows))
+    assert set(found) == set(CONV_OPS)
+    for speedup in found.values():
+        assert speedup["geomean"] == pytest.approx(3) and speedup["cases"] == len(TINY_CONVS)
+    page = render.write(dict(results, rows=results["rows"] + rows), tmp_path).read_text()
+    assert "conv2d forward, float64" in page and "3.00x over 2 cases" in page
+
+
 def test_training_steps_of_pytorch_models(results, tmp_path):
     pytest.importorskip("torch")
     from fastconv.report import training

@@ -177,10 +177,16 @@ def _ceilings(threads, budget):
 
 
 def _runs(convs, pools):
-    """(case, dtype, ops) in the order they are measured: the suite in float32, then the float64 case."""
-    runs = [(case, np.float32, case.ops) for case in convs + pools]
+    """(case, dtype, ops, sides) in the order they are measured (sides None: every side): the suite in
+    float32, then in float64 the quoted case's forward on every side and, in the full suite, every
+    convolution's ops on auto and PyTorch."""
+    runs = [(case, np.float32, case.ops, None) for case in convs + pools]
     if suite.FLOAT64_CASE in convs:
-        runs.append((suite.FLOAT64_CASE, np.float64, ("conv2d_forward",)))
+        runs.append((suite.FLOAT64_CASE, np.float64, ("conv2d_forward",), None))
+    if tuple(convs) == suite.CONVS:
+        quoted = (suite.FLOAT64_CASE, "conv2d_forward")
+        runs += [(case, np.float64, tuple(op for op in case.ops if (case, op) != quoted), ("auto", "torch"))
+                 for case in convs]
     return runs
 
 
@@ -196,18 +202,20 @@ def collect(convs, pools, threads, budget=0.3, min_repeats=3, with_torch=True, p
     sides = ["auto", *fastconv.algorithms()] + (["torch"] if torch is not None else [])
     runs = _runs(list(convs), list(pools))
     rows = []
-    with fastconv.threads(threads), tqdm(total=sum(len(ops) for _, _, ops in runs), unit="op",
+    with fastconv.threads(threads), tqdm(total=sum(len(ops) for _, _, ops, _ in runs), unit="op",
                                          disable=not progress, file=sys.stderr) as bar:
         if torch is not None:
             torch.set_num_threads(threads)
         before = _ceilings(threads, budget)
         gemm = gemm_call(threads, gemm_size)
-        for case, dtype, ops in runs:
+        for case, dtype, ops, only in runs:
             inputs = suite.make_inputs(case, dtype)
             for op in ops:
-                bar.set_description(f"{case.name} {OP_TITLES[op].split(' (')[0]}")
+                bar.set_description(f"{case.name} {OP_TITLES[op].split(' (')[0]}"
+                                    + (" float64" if dtype == np.float64 else ""))
                 reference = _reference(case, op, inputs, torch)
-                rows += _measure(sides, case, op, dtype, inputs, reference, budget, min_repeats, gemm)
+                rows += _measure([side for side in sides if only is None or side in only], case, op, dtype, inputs,
+                                 reference, budget, min_repeats, gemm)
                 bar.update(1)
         scaling = (thread_scaling(suite.SCALING_CASE, sides, threads, budget, min_repeats)
                    if threads > 1 and suite.SCALING_CASE in convs else [])

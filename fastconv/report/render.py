@@ -13,7 +13,7 @@ from string import Template
 from ..ops import CONV_OPS, POOL_OPS
 from .measure import BASELINE, OP_TITLES, REUSED_BUFFERS, SCALING_BURST
 from .plots import _plots
-from .stats import _algorithm_rows, _speedups, auto_against_best, geomeans
+from .stats import _algorithm_rows, _speedups, auto_against_best, float64_against_torch, geomeans
 
 
 def _load_prose():
@@ -212,9 +212,15 @@ def _blocks(results, plots):
                    ("p", prose("detail")), ("table", *_op_table(results, op, "float32"))]
         if f"{op}.png" in plots:
             blocks.append(("img", f"{op}.png", plots[f"{op}.png"]))
-    if any(r["dtype"] == "float64" for r in results["rows"]):
-        blocks += [("h2", "conv2d forward, float64"),
-                   ("table", *_op_table(results, "conv2d_forward", "float64"))]
+    float64 = float64_against_torch(results)
+    if float64:
+        blocks += [("h2", "float64"), ("p", prose("float64") + " " + "; ".join(
+            f"{OP_TITLES[op].split(' (')[0]} {m['geomean']:.2f}x over {m['cases']} cases (the least "
+            f"{m['slowest_speedup']:.2f}x, {m['slowest']})" for op, m in float64.items()) + ".")]
+    for op in CONV_OPS:
+        if any(r["op"] == op and r["dtype"] == "float64" for r in results["rows"]):
+            blocks += [("h2", f"{OP_TITLES[op].split(' (')[0]}, float64"),
+                       ("table", *_op_table(results, op, "float64"))]
     if results.get("scaling"):
         blocks += [("h2", "Threads at batch 1"),
                    ("p", prose("scaling", case=results["scaling"][0]["case"], threads=meta["threads"],

@@ -41,6 +41,19 @@ def geomeans(results):
 
 
 
+def float64_against_torch(results):
+    """Per convolution op measured in float64: auto's speed-up over PyTorch's float64, its geometric mean
+    over the cases both ran, their count and the slowest case."""
+    found = {}
+    for op in CONV_OPS:
+        speedups = _speedups(results["rows"], "auto", "torch", op, "float64")
+        if speedups:
+            slowest = min(speedups, key=speedups.get)
+            found[op] = {"geomean": _geomean(list(speedups.values())), "cases": len(speedups),
+                         "slowest": slowest, "slowest_speedup": speedups[slowest]}
+    return found
+
+
 def _algorithm_rows(results, op, dtype="float32"):
     """Per case of `op`: every algorithm's median time, the fastest, auto's time and choice, PyTorch's."""
     by_case = {}
