@@ -9,6 +9,41 @@ from libc.stdint cimport int64_t
 from libc.string cimport memset
 
 
+cdef extern from "pool_rows.h" nogil:
+    ctypedef void (*pool_rows_float_fn)(const float* row, unsigned row_at, int count, int cells, int first,
+                                        float* best, unsigned* best_at)
+    ctypedef void (*pool_rows_double_fn)(const double* row, unsigned row_at, int count, int cells, int first,
+                                         double* best, unsigned* best_at)
+    ctypedef struct pool_rows:
+        pool_rows_float_fn rows_float
+        pool_rows_double_fn rows_double
+    pool_rows pool_rows_select(const char* name)
+
+VECTOR_ISAS = ("avx512", "none")  # the window rows of pool_rows.h, best first ("none": pool.pyx's own loops)
+cdef pool_rows rows_in_use = pool_rows_select(b"none")
+cdef const char* rows_name = b"none"
+
+
+def use_vector_isa(name):
+    """Use the named window rows for the 2- and 3-cell stride-2 windows (VECTOR_ISAS; the best the CPU runs by
+    default). Returns False, changing nothing, when the CPU cannot run them."""
+    global rows_in_use, rows_name
+    cdef pool_rows found = pool_rows_select(name.encode())
+    if name != "none" and found.rows_float == NULL:
+        return False
+    rows_in_use, rows_name = found, (b"avx512" if name == "avx512" else b"none")
+    return True
+
+
+def vector_isa():
+    return rows_name.decode()
+
+
+for _isa in VECTOR_ISAS:
+    if use_vector_isa(_isa):
+        break
+
+
 cdef enum:
     TILE = 64
 
@@ -88,11 +123,17 @@ cdef inline void scan_window_row_values(const floating* row, int count, int kern
         best[j] = current
 
 
-cdef inline void scan_row(const floating* row, int row_at, int count, const Pool* q, bint first, floating* best,
-                          unsigned* best_at) noexcept nogil:
-    """One window row of a tile, values and offsets (best_at NULL: the values only). Constant shapes for the
+cdef inline void scan_row(const floating* row, int row_at, int count, const Pool* q, const pool_rows* rows,
+                          bint first, floating* best, unsigned* best_at) noexcept nogil:
+    """One window row of a tile, values and offsets (best_at NULL: the values only): the window rows of
+    pool_rows.h for 2 and 3 cells at stride 2 where the CPU has them; otherwise constant shapes for the
     common kernels let the compiler vectorize their strided loads."""
-    if best_at == NULL:
+    if rows.rows_float != NULL and q.stride_w == 2 and q.dilation_w == 1 and (q.kernel_w == 2 or q.kernel_w == 3):
+        if floating is float:
+            rows.rows_float(row, row_at, count, q.kernel_w, first, best, best_at)
+        else:
+            rows.rows_double(row, row_at, count, q.kernel_w, first, best, best_at)
+    elif best_at == NULL:
         if q.kernel_w == 2 and q.stride_w == 2 and q.dilation_w == 1:
             scan_window_row_values(row, count, 2, 2, 1, first, best)
         elif q.kernel_w == 3 and q.stride_w == 2 and q.dilation_w == 1:
@@ -111,7 +152,8 @@ cdef inline void scan_row(const floating* row, int row_at, int count, const Pool
         scan_window_row(row, row_at, count, q.kernel_w, q.stride_w, q.dilation_w, first, best, best_at)
 
 
-cdef void pool_plane(const floating* x, const Pool* q, floating* y, int64_t* indices) noexcept nogil:
+cdef void pool_plane(const floating* x, const Pool* q, const pool_rows* rows, floating* y,
+                     int64_t* indices) noexcept nogil:
     """Each output row: the windows whose columns all lie inside the input go window row by window row
     across a tile of the output row (vectorized, see scan_window_row); the edge windows one by one.
     indices NULL: the values only."""
@@ -138,7 +180,7 @@ cdef void pool_plane(const floating* x, const Pool* q, floating* y, int64_t* ind
             tile_origin = <int64_t>(h0 + kh_low * q.dilation_h) * q.width + tile * q.stride_w - q.pad_w
             for kh in range(kh_low, kh_high):
                 row_at = (kh - kh_low) * q.dilation_h * q.width
-                scan_row(x + tile_origin + row_at, row_at, tile_size, q, kh == kh_low, y + tile,
+                scan_row(x + tile_origin + row_at, row_at, tile_size, q, rows, kh == kh_low, y + tile,
                          tile_at if indices != NULL else NULL)
             if indices != NULL:
                 # Indexed from a pointer (with -fwrapv a 32-bit `tile + ow` need not be contiguous): vectorizes.
@@ -163,8 +205,9 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] y,
     cdef Py_ssize_t planes = <Py_ssize_t>x.shape[0] * x.shape[1], k
     cdef Py_ssize_t plane = <Py_ssize_t>q.height * q.width, out_plane = <Py_ssize_t>q.out_h * q.out_w
     cdef int64_t* all_indices = NULL if indices is None else &indices[0, 0, 0, 0]
+    cdef pool_rows rows = rows_in_use  # this call's, whatever is selected while it runs
     for k in prange(planes, nogil=True, schedule="static", num_threads=threads):
-        pool_plane(&x[0, 0, 0, 0] + k * plane, &q, &y[0, 0, 0, 0] + k * out_plane,
+        pool_plane(&x[0, 0, 0, 0] + k * plane, &q, &rows, &y[0, 0, 0, 0] + k * out_plane,
                    NULL if all_indices == NULL else all_indices + k * out_plane)
 
 

@@ -139,10 +139,22 @@ def _draw_pool(rng):
     )
 
 
-def pool_cases(count, seed):
+def _draw_wide_pool(rng):
+    """The CNN poolings (2x2/2, 3x3/2, their padded and ceil_mode forms) on rows of up to 80 columns: windows
+    enough for the vector loops of a row, and their tails."""
+    kernel = (int(rng.integers(1, 4)), int(rng.choice([2, 3])))
+    return dict(
+        x_shape=(int(rng.integers(1, 3)), int(rng.integers(1, 4)), int(rng.integers(1, 12)), int(rng.integers(2, 81))),
+        kernel_size=kernel, stride=(int(rng.integers(1, 3)), 2),
+        padding=tuple(int(rng.integers(0, k // 2 + 1)) for k in kernel),
+        dilation=(int(rng.choice([1, 2])), 1), ceil_mode=bool(rng.random() < 0.5),
+    )
+
+
+def pool_cases(count, seed, draw=_draw_pool):
     rng, cases = np.random.default_rng(seed), []
     while len(cases) < count:
-        case = _draw_pool(rng)
+        case = draw(rng)
         try:
             pool_params(case["x_shape"], case["kernel_size"], case["stride"], case["padding"],
                         case["dilation"], case["ceil_mode"])
@@ -150,6 +162,10 @@ def pool_cases(count, seed):
             continue
         cases.append(case)
     return cases
+
+
+def wide_pool_cases(count, seed):
+    return pool_cases(count, seed, _draw_wide_pool)
 
 
 def pool_input(case, dtype, seed=0):

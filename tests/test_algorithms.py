@@ -20,6 +20,7 @@ from cases import (
     pool_kwargs,
     rel_err,
     wide_conv_cases,
+    wide_pool_cases,
     wide_strided_conv_cases,
 )
 
@@ -30,7 +31,7 @@ from fastconv.params import PoolBackwardParams, pool_params
 
 CONV_CASES = (conv_cases(150, seed=12) + wide_conv_cases(60, seed=14) + wide_strided_conv_cases(40, seed=16)
               + deep_conv_cases(20, seed=17) + pointwise_cases(30, seed=15))
-POOL_CASES = pool_cases(100, seed=13)
+POOL_CASES = pool_cases(100, seed=13) + wide_pool_cases(30, seed=18)
 DTYPES = [np.float32, np.float64]
 
 

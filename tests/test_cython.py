@@ -11,8 +11,11 @@ from cases import (
     conv_arrays,
     conv_kwargs,
     deep_conv_cases,
+    pool_input,
+    pool_kwargs,
     rel_err,
     wide_conv_cases,
+    wide_pool_cases,
     wide_strided_conv_cases,
 )
 
@@ -87,6 +90,27 @@ def test_float32_weight_gradient_of_a_large_layer():
     gw32 = fastconv.conv2d_backward(gy.astype(np.float32), x.astype(np.float32), w.astype(np.float32), **args)[1]
     gw64 = fastconv.conv2d_backward(gy, x, w, **args)[1]
     assert rel_err(gw32, gw64) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("vector_isa", ["avx512", "none"])
+def test_pool_window_rows_against_oracle(vector_isa, dtype):
+    """The 2- and 3-cell stride-2 window rows, with each set of window rows ("none": pool.pyx's own loops),
+    on rows long enough for their vector loops and tails, ties, NaNs and -inf in the data."""
+    pool = _cython()._pool
+    default = pool.vector_isa()
+    if not pool.use_vector_isa(vector_isa):
+        pytest.skip(f"this CPU cannot run the {vector_isa} window rows")
+    try:
+        for case in wide_pool_cases(25, seed=9):
+            x = pool_input(case, dtype)
+            for indices in (True, False):
+                got = fastconv.max_pool2d(x, **pool_kwargs(case), return_indices=indices, backend="cython")
+                want = fastconv.max_pool2d(x, **pool_kwargs(case), return_indices=indices, backend="naive")
+                for g, w in zip(got if indices else (got,), want if indices else (want,)):
+                    np.testing.assert_array_equal(g, w)
+    finally:
+        assert pool.use_vector_isa(default)
 
 
 def test_bad_pool_index_raises_without_writing_out_of_bounds():
