@@ -5,7 +5,8 @@ picked from the CPU at run time), `gemm` (any convolution: im2col of a block of 
 a few images or a band of rows of one image, into a per-thread buffer, then single-threaded BLAS GEMMs from
 scipy.linalg.cython_blas; blocks in parallel under OpenMP), `winograd` and `winograd2` (3x3 stride-1
 convolutions by Winograd's F(4x4, 3x3) and F(2x2, 3x3), on the project's own AVX-512 or AVX2 micro-kernels)
-and `pool` (max-pooling, parallel over the N*C planes).
+and `pool` (max-pooling, parallel over the N*C planes; the 2x2/2 and 3x3/2 window rows in AVX-512 where the
+CPU has it).
 Results are bitwise identical with any thread count.
 
 BLAS is kept single-threaded inside the parallel regions: a convolution call limits every loaded BLAS
@@ -32,7 +33,7 @@ def describe():
     openmp = (f"OpenMP on ({_conv_gemm.openmp_max_threads()} threads max)" if _conv_gemm.OPENMP
               else "OpenMP off (serial build)")
     return (f"{openmp}, direct tiles {_conv_direct.vector_isa()}, Winograd micro-kernels "
-            f"{_conv_winograd.vector_isa()}, BLAS scipy.linalg.cython_blas")
+            f"{_conv_winograd.vector_isa()}, pooling window rows {_pool.vector_isa()}, BLAS scipy.linalg.cython_blas")
 
 
 def _convolve(kernel, p, *arrays):
