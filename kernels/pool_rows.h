@@ -32,9 +32,9 @@ __attribute__((target("avx512f,avx512vl"))) static inline __mmask16 pool_lanes(i
     return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
 }
 
-__attribute__((target("avx512f,avx512vl")))
-static void pool_rows_float_avx512(const float *row, unsigned row_at, int count, int cells, int first, float *best,
-                                   unsigned *best_at)
+__attribute__((target("avx512f,avx512vl"), always_inline))
+static inline void pool_rows_float_body(const float *row, unsigned row_at, int count, int cells, int first,
+                                        float *best, unsigned *best_at)
 {
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
@@ -69,9 +69,9 @@ static void pool_rows_float_avx512(const float *row, unsigned row_at, int count,
     }
 }
 
-__attribute__((target("avx512f,avx512vl")))
-static void pool_rows_double_avx512(const double *row, unsigned row_at, int count, int cells, int first,
-                                    double *best, unsigned *best_at)
+__attribute__((target("avx512f,avx512vl"), always_inline))
+static inline void pool_rows_double_body(const double *row, unsigned row_at, int count, int cells, int first,
+                                         double *best, unsigned *best_at)
 {
     const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
     const __m512i odd = _mm512_add_epi64(even, _mm512_set1_epi64(1));
@@ -105,6 +105,30 @@ static void pool_rows_double_avx512(const double *row, unsigned row_at, int coun
             _mm256_mask_storeu_epi32(best_at + j, active, current_at);
     }
 }
+/* The bodies above with constant cells, first and offsets-or-not: no branch left in their loops. */
+#define POOL_ROWS_DISPATCH(T)                                                                                  \
+    __attribute__((target("avx512f,avx512vl")))                                                               \
+    static void pool_rows_##T##_avx512(const T *row, unsigned row_at, int count, int cells, int first, T *best, \
+                                       unsigned *best_at)                                                      \
+    {                                                                                                          \
+        if (best_at == NULL) {                                                                                 \
+            if (cells == 3) {                                                                                  \
+                if (first) pool_rows_##T##_body(row, row_at, count, 3, 1, best, NULL);                         \
+                else pool_rows_##T##_body(row, row_at, count, 3, 0, best, NULL);                               \
+            } else {                                                                                           \
+                if (first) pool_rows_##T##_body(row, row_at, count, 2, 1, best, NULL);                         \
+                else pool_rows_##T##_body(row, row_at, count, 2, 0, best, NULL);                               \
+            }                                                                                                  \
+        } else if (cells == 3) {                                                                               \
+            if (first) pool_rows_##T##_body(row, row_at, count, 3, 1, best, best_at);                          \
+            else pool_rows_##T##_body(row, row_at, count, 3, 0, best, best_at);                                \
+        } else {                                                                                               \
+            if (first) pool_rows_##T##_body(row, row_at, count, 2, 1, best, best_at);                          \
+            else pool_rows_##T##_body(row, row_at, count, 2, 0, best, best_at);                                \
+        }                                                                                                      \
+    }
+POOL_ROWS_DISPATCH(float)
+POOL_ROWS_DISPATCH(double)
 #define POOL_ROWS_X86 1
 #endif
 
