@@ -11,9 +11,9 @@ from libc.string cimport memset
 
 cdef extern from "pool_rows.h" nogil:
     ctypedef void (*pool_rows_float_fn)(const float* row, unsigned row_at, int count, int cells, int first,
-                                        float* best, unsigned* best_at)
+                                        float* best, unsigned* best_at, int64_t* indices, int64_t origin)
     ctypedef void (*pool_rows_double_fn)(const double* row, unsigned row_at, int count, int cells, int first,
-                                         double* best, unsigned* best_at)
+                                         double* best, unsigned* best_at, int64_t* indices, int64_t origin)
     ctypedef struct pool_rows:
         pool_rows_float_fn rows_float
         pool_rows_double_fn rows_double
@@ -123,16 +123,23 @@ cdef inline void scan_window_row_values(const floating* row, int count, int kern
         best[j] = current
 
 
+cdef inline bint vector_rows(const Pool* q, const pool_rows* rows) noexcept nogil:
+    """Whether the window rows of pool_rows.h serve this pooling (2 or 3 cells at stride 2, on AVX-512)."""
+    return rows.rows_float != NULL and q.stride_w == 2 and q.dilation_w == 1 and (q.kernel_w == 2 or q.kernel_w == 3)
+
+
 cdef inline void scan_row(const floating* row, int row_at, int count, const Pool* q, const pool_rows* rows,
-                          bint first, floating* best, unsigned* best_at) noexcept nogil:
+                          bint first, floating* best, unsigned* best_at, int64_t* indices,
+                          int64_t origin) noexcept nogil:
     """One window row of a tile, values and offsets (best_at NULL: the values only): the window rows of
-    pool_rows.h for 2 and 3 cells at stride 2 where the CPU has them; otherwise constant shapes for the
-    common kernels let the compiler vectorize their strided loads."""
-    if rows.rows_float != NULL and q.stride_w == 2 and q.dilation_w == 1 and (q.kernel_w == 2 or q.kernel_w == 3):
+    pool_rows.h where they serve (indices not NULL: the last row, whose offsets they write out as indices,
+    see there); otherwise constant shapes for the common kernels let the compiler vectorize their strided
+    loads."""
+    if vector_rows(q, rows):
         if floating is float:
-            rows.rows_float(row, row_at, count, q.kernel_w, first, best, best_at)
+            rows.rows_float(row, row_at, count, q.kernel_w, first, best, best_at, indices, origin)
         else:
-            rows.rows_double(row, row_at, count, q.kernel_w, first, best, best_at)
+            rows.rows_double(row, row_at, count, q.kernel_w, first, best, best_at, indices, origin)
     elif best_at == NULL:
         if q.kernel_w == 2 and q.stride_w == 2 and q.dilation_w == 1:
             scan_window_row_values(row, count, 2, 2, 1, first, best)
@@ -167,6 +174,7 @@ cdef void pool_plane(const floating* x, const Pool* q, const pool_rows* rows, fl
     cdef int tile, tile_size
     cdef int64_t tile_origin
     cdef int64_t* tile_indices
+    cdef bint vectors = vector_rows(q, rows)  # the window rows write the indices themselves
     for oh in range(q.out_h):
         h0 = oh * q.stride_h - q.pad_h
         window_taps(h0, q.height, q.kernel_h, q.dilation_h, &kh_low, &kh_high)
@@ -181,8 +189,9 @@ cdef void pool_plane(const floating* x, const Pool* q, const pool_rows* rows, fl
             for kh in range(kh_low, kh_high):
                 row_at = (kh - kh_low) * q.dilation_h * q.width
                 scan_row(x + tile_origin + row_at, row_at, tile_size, q, rows, kh == kh_low, y + tile,
-                         tile_at if indices != NULL else NULL)
-            if indices != NULL:
+                         tile_at if indices != NULL else NULL,
+                         indices + tile if indices != NULL and vectors and kh == kh_high - 1 else NULL, tile_origin)
+            if indices != NULL and not vectors:
                 # Indexed from a pointer (with -fwrapv a 32-bit `tile + ow` need not be contiguous): vectorizes.
                 tile_indices = indices + tile
                 for ow in range(tile_size):

@@ -8,16 +8,18 @@
  * A call is scan_window_row of pool.pyx for these shapes: for the `count` windows j of one window row, cell b
  * of window j is row[2 * j + b], at offset row_at + 2 * j + b; `first` starts each window from its cell 0,
  * otherwise from best[j] (and best_at[j]). A cell wins if it is greater or NaN, cells in order: PyTorch's
- * rule. best_at NULL: the values only. Only row[0 .. 2 * count + cells - 3] is read. */
+ * rule. best_at NULL: the values only. indices not NULL (a window's last row): the winners' offsets go out as
+ * indices[j] = origin + offset (int64) instead of into best_at. Only row[0 .. 2 * count + cells - 3] is read. */
 #ifndef FASTCONV_POOL_ROWS_H
 #define FASTCONV_POOL_ROWS_H
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 
 typedef void (*pool_rows_float_fn)(const float *row, unsigned row_at, int count, int cells, int first, float *best,
-                                   unsigned *best_at);
+                                   unsigned *best_at, int64_t *indices, int64_t origin);
 typedef void (*pool_rows_double_fn)(const double *row, unsigned row_at, int count, int cells, int first,
-                                    double *best, unsigned *best_at);
+                                    double *best, unsigned *best_at, int64_t *indices, int64_t origin);
 
 typedef struct {
     pool_rows_float_fn rows_float;
@@ -34,7 +36,7 @@ __attribute__((target("avx512f,avx512vl"))) static inline __mmask16 pool_lanes(i
 
 __attribute__((target("avx512f,avx512vl"), always_inline))
 static inline void pool_rows_float_body(const float *row, unsigned row_at, int count, int cells, int first,
-                                        float *best, unsigned *best_at)
+                                        float *best, unsigned *best_at, int64_t *indices, int64_t origin)
 {
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
@@ -64,14 +66,21 @@ static inline void pool_rows_float_body(const float *row, unsigned row_at, int c
                 current_at = _mm512_mask_mov_epi32(current_at, take, _mm512_add_epi32(base, _mm512_set1_epi32(b)));
         }
         _mm512_mask_storeu_ps(best + j, active, current);
-        if (best_at != NULL)
+        if (indices != NULL) {
+            __m512i at = _mm512_set1_epi64(origin);
+            _mm512_mask_storeu_epi64(indices + j, (__mmask8)active,
+                                     _mm512_add_epi64(at, _mm512_cvtepu32_epi64(_mm512_castsi512_si256(current_at))));
+            _mm512_mask_storeu_epi64(indices + j + 8, (__mmask8)(active >> 8),
+                                     _mm512_add_epi64(at, _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(current_at, 1))));
+        } else if (best_at != NULL) {
             _mm512_mask_storeu_epi32(best_at + j, active, current_at);
+        }
     }
 }
 
 __attribute__((target("avx512f,avx512vl"), always_inline))
 static inline void pool_rows_double_body(const double *row, unsigned row_at, int count, int cells, int first,
-                                         double *best, unsigned *best_at)
+                                         double *best, unsigned *best_at, int64_t *indices, int64_t origin)
 {
     const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
     const __m512i odd = _mm512_add_epi64(even, _mm512_set1_epi64(1));
@@ -101,7 +110,10 @@ static inline void pool_rows_double_body(const double *row, unsigned row_at, int
                 current_at = _mm256_mask_mov_epi32(current_at, take, _mm256_add_epi32(base, _mm256_set1_epi32(b)));
         }
         _mm512_mask_storeu_pd(best + j, active, current);
-        if (best_at != NULL)
+        if (indices != NULL)
+            _mm512_mask_storeu_epi64(indices + j, active,
+                                     _mm512_add_epi64(_mm512_set1_epi64(origin), _mm512_cvtepu32_epi64(current_at)));
+        else if (best_at != NULL)
             _mm256_mask_storeu_epi32(best_at + j, active, current_at);
     }
 }
@@ -109,22 +121,22 @@ static inline void pool_rows_double_body(const double *row, unsigned row_at, int
 #define POOL_ROWS_DISPATCH(T)                                                                                  \
     __attribute__((target("avx512f,avx512vl")))                                                               \
     static void pool_rows_##T##_avx512(const T *row, unsigned row_at, int count, int cells, int first, T *best, \
-                                       unsigned *best_at)                                                      \
+                                       unsigned *best_at, int64_t *indices, int64_t origin)                    \
     {                                                                                                          \
         if (best_at == NULL) {                                                                                 \
             if (cells == 3) {                                                                                  \
-                if (first) pool_rows_##T##_body(row, row_at, count, 3, 1, best, NULL);                         \
-                else pool_rows_##T##_body(row, row_at, count, 3, 0, best, NULL);                               \
+                if (first) pool_rows_##T##_body(row, row_at, count, 3, 1, best, NULL, NULL, 0);                \
+                else pool_rows_##T##_body(row, row_at, count, 3, 0, best, NULL, NULL, 0);                      \
             } else {                                                                                           \
-                if (first) pool_rows_##T##_body(row, row_at, count, 2, 1, best, NULL);                         \
-                else pool_rows_##T##_body(row, row_at, count, 2, 0, best, NULL);                               \
+                if (first) pool_rows_##T##_body(row, row_at, count, 2, 1, best, NULL, NULL, 0);                \
+                else pool_rows_##T##_body(row, row_at, count, 2, 0, best, NULL, NULL, 0);                      \
             }                                                                                                  \
         } else if (cells == 3) {                                                                               \
-            if (first) pool_rows_##T##_body(row, row_at, count, 3, 1, best, best_at);                          \
-            else pool_rows_##T##_body(row, row_at, count, 3, 0, best, best_at);                                \
+            if (first) pool_rows_##T##_body(row, row_at, count, 3, 1, best, best_at, indices, origin);         \
+            else pool_rows_##T##_body(row, row_at, count, 3, 0, best, best_at, indices, origin);               \
         } else {                                                                                               \
-            if (first) pool_rows_##T##_body(row, row_at, count, 2, 1, best, best_at);                          \
-            else pool_rows_##T##_body(row, row_at, count, 2, 0, best, best_at);                                \
+            if (first) pool_rows_##T##_body(row, row_at, count, 2, 1, best, best_at, indices, origin);         \
+            else pool_rows_##T##_body(row, row_at, count, 2, 0, best, best_at, indices, origin);               \
         }                                                                                                      \
     }
 POOL_ROWS_DISPATCH(float)
