@@ -76,8 +76,8 @@ for _isa in VECTOR_ISAS:
         break
 
 
-# A direct unit's padded input rows are cut to stay in a core's L2 cache beside the weights.
-cdef Py_ssize_t BAND_BYTES = 1 << 19
+# A direct unit's padded input rows are cut to about a core's L2 cache.
+cdef Py_ssize_t BAND_BYTES = 1 << 20
 
 
 cdef struct Direct:
