@@ -457,34 +457,44 @@ def backward_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1]
 
 
 
+cdef const floating* grad_block(const floating* gy, const Conv* c, int image, int first, int channels, int block,
+                                int row, int rows, floating* copy, Py_ssize_t* channel_stride) noexcept nogil:
+    """grad_output's rows [row, row + rows) of channels [first, first + channels) of one image, as `block`
+    channels `channel_stride[0]` apart: in place when the block is full, else a copy padded with zero
+    channels, so that a weight-gradient block never reads past grad_output."""
+    cdef Py_ssize_t plane = <Py_ssize_t>c.out_h * c.out_w, run = <Py_ssize_t>rows * c.out_w
+    cdef const floating* grads = gy + ((<Py_ssize_t>image * c.out_channels + first) * c.out_h + row) * c.out_w
+    cdef int j
+    if channels == block:
+        channel_stride[0] = plane
+        return grads
+    channel_stride[0] = run
+    for j in range(block):
+        if j < channels:
+            memcpy(copy + j * run, grads + j * plane, run * sizeof(floating))
+        else:
+            memset(copy + j * run, 0, run * sizeof(floating))
+    return copy
+
+
 cdef void direct_weight_unit(const floating* gy, const floating* x, const Conv* c, const Direct* d,
                              const ptrdiff_t* taps, int unit, floating* partial, floating* band, floating* gy_block,
                              floating* sums) noexcept nogil:
     """partial += the weight gradient of one unit (output rows [row, row + rows) of one image): its input
     rows padded once per group, then a weight tile per (block of output channels, input channel, group of
-    WEIGHT_TAPS taps), its sums added in that order. A block short of d.channels channels is read from a
-    copy padded with zero channels, so no tile reads past grad_output."""
+    WEIGHT_TAPS taps), its sums added in that order (grad_output through grad_block)."""
     cdef int image = unit // d.bands, row = (unit % d.bands) * d.band_rows
     cdef int rows = min(d.band_rows, c.out_h - row)
     cdef int g, block, channels, ch, k, group, j, t
-    cdef Py_ssize_t plane = <Py_ssize_t>c.out_h * c.out_w, stride
+    cdef Py_ssize_t stride
     cdef const floating* grads
     cdef floating* dst
     for g in range(c.groups):
         pad_band(x + (<Py_ssize_t>image * c.channels + g * c.group_in) * c.height * c.width, c, d, row, rows, band)
         for block in range(d.blocks):
             channels = min(d.channels, c.group_out - block * d.channels)
-            grads = gy + ((<Py_ssize_t>image * c.out_channels + g * c.group_out + block * d.channels) * c.out_h
-                          + row) * c.out_w
-            stride = plane
-            if channels < d.channels:
-                stride = <Py_ssize_t>rows * c.out_w
-                for j in range(d.channels):
-                    if j < channels:
-                        memcpy(gy_block + j * stride, grads + j * plane, stride * sizeof(floating))
-                    else:
-                        memset(gy_block + j * stride, 0, stride * sizeof(floating))
-                grads = gy_block
+            grads = grad_block(gy, c, image, g * c.group_out + block * d.channels, channels, d.channels, row, rows,
+                               gy_block, &stride)
             for ch in range(c.group_in):
                 for k in range(ceil_div(d.taps, WEIGHT_TAPS)):
                     group = k * WEIGHT_TAPS
@@ -576,13 +586,13 @@ cdef void channels_last_weight_unit(const floating* gy, const floating* x, const
                                     floating* gy_block) noexcept nogil:
     """acc[g, o, tap, ch] += the weight gradient of one unit (output rows [row, row + rows) of one image), as
     micro-kernel blocks of mr output channels x input channels summed over the unit's output pixels (a run
-    per output row, or one run where they are all evenly spaced), one kernel tap at a time. A block short of mr
-    channels is read from a copy padded with zero channels, so no block reads past grad_output."""
+    per output row, or one run where they are all evenly spaced), one kernel tap at a time (grad_output
+    through grad_block)."""
     cdef int image = unit // d.bands, row = (unit % d.bands) * d.band_rows
     cdef int rows = min(d.band_rows, c.out_h - row)
     cdef int runs = 1 if cl.merged else rows, depth = rows * c.out_w if cl.merged else c.out_w
-    cdef int g, block, channels, j, kh, kw, ch, vectors
-    cdef Py_ssize_t plane = <Py_ssize_t>c.out_h * c.out_w, a_row
+    cdef int g, block, channels, kh, kw, ch, vectors
+    cdef Py_ssize_t a_row
     cdef ptrdiff_t c_row = <ptrdiff_t>d.taps * cl.in_pad
     cdef const floating* grads
     cdef const floating* b
@@ -592,17 +602,8 @@ cdef void channels_last_weight_unit(const floating* gy, const floating* x, const
                            rows, band)
         for block in range(cl.out_pad // cl.mr):
             channels = min(cl.mr, c.group_out - block * cl.mr)
-            grads = gy + ((<Py_ssize_t>image * c.out_channels + g * c.group_out + block * cl.mr) * c.out_h
-                          + row) * c.out_w
-            a_row = plane
-            if channels < cl.mr:
-                a_row = <Py_ssize_t>rows * c.out_w
-                for j in range(cl.mr):
-                    if j < channels:
-                        memcpy(gy_block + j * a_row, grads + j * plane, a_row * sizeof(floating))
-                    else:
-                        memset(gy_block + j * a_row, 0, a_row * sizeof(floating))
-                grads = gy_block
+            grads = grad_block(gy, c, image, g * c.group_out + block * cl.mr, channels, cl.mr, row, rows, gy_block,
+                               &a_row)
             for kh in range(c.kernel_h):
                 for kw in range(c.kernel_w):
                     b = band + (<ptrdiff_t>kh * c.dilation_h * cl.band_w + kw * c.dilation_w) * cl.in_pad
