@@ -276,7 +276,8 @@ cdef struct Transposed:
     int channels, width        # a tile's input-gradient channels and pixels
     int reach_h, reach_w       # how many grad_output rows / columns back a tap reaches from its phase pixel
     int first_i, first_j       # the first phase row / column holding an input pixel
-    int phase_rows, phase_cols  # phase rows / columns holding input pixels
+    int phase_rows             # phase rows holding input pixels
+    int phase_cols             # phase columns holding input pixels
     int row_width              # a band row: phase_cols + reach_w
     int band_rows              # phase rows per unit of work (an image's last band may have fewer)
     int bands                  # units per image
@@ -315,7 +316,7 @@ cdef bint transposed_plan(const Conv* c, Py_ssize_t itemsize, Transposed* t):
 cdef phase_taps(const Conv* c, const Transposed* t):
     """The kernel taps (kh, kw) by phase (a, b), phase after phase, each with its offset in the band relative to
     the phase pixel, and where each phase's taps start (phases + 1 of them)."""
-    cdef int phases = c.stride_h * c.stride_w, a, b, kh, kw
+    cdef int a, b, kh, kw
     order, offsets, starts = [], [], [0]
     for a in range(c.stride_h):
         for b in range(c.stride_w):
