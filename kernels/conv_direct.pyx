@@ -80,6 +80,14 @@ for _isa in VECTOR_ISAS:
 cdef Py_ssize_t BAND_BYTES = 1 << 20
 
 
+cdef int band_rows(int rows, int batch, Py_ssize_t row_bytes, int halo):
+    """Rows per unit of work, of `rows` per image each `row_bytes` long (plus `halo` more rows a unit reads):
+    bands of even height of about BAND_BYTES, at least MIN_UNITS units where the batch is small."""
+    cdef int cut = ceil_div(rows, ceil_div(MIN_UNITS, batch)) if batch < MIN_UNITS else rows
+    cut = <int>max(1, min(cut, BAND_BYTES // row_bytes - halo))
+    return ceil_div(rows, ceil_div(rows, cut))
+
+
 cdef struct Direct:
     direct_tiles tiles         # the register tiles of this call, copied when it is planned
     int channels               # output channels per register tile
@@ -109,9 +117,7 @@ cdef bint direct_plan(const Conv* c, Py_ssize_t itemsize, Direct* d):
     d.row_width = c.out_w + (c.kernel_w - 1) * c.dilation_w // c.stride_w
     d.halo = (c.kernel_h - 1) * c.dilation_h // c.stride_h
     cdef Py_ssize_t row_bytes = <Py_ssize_t>c.group_in * d.phases_h * d.phases_w * d.row_width * itemsize
-    cdef int rows = ceil_div(c.out_h, ceil_div(MIN_UNITS, c.batch)) if c.batch < MIN_UNITS else c.out_h
-    rows = <int>max(1, min(rows, BAND_BYTES // row_bytes - d.halo))
-    d.band_rows = ceil_div(c.out_h, ceil_div(c.out_h, rows))  # bands of even height
+    d.band_rows = band_rows(c.out_h, c.batch, row_bytes, d.halo)
     d.bands = ceil_div(c.out_h, d.band_rows)
     d.blocks = ceil_div(c.group_out, d.channels)
     d.taps = c.kernel_h * c.kernel_w
@@ -303,9 +309,7 @@ cdef bint transposed_plan(const Conv* c, Py_ssize_t itemsize, Transposed* t):
     t.phase_cols = ceil_div(c.pad_left + c.width, c.stride_w) - t.first_j
     t.row_width = t.phase_cols + t.reach_w
     cdef Py_ssize_t row_bytes = <Py_ssize_t>c.group_out * t.row_width * itemsize
-    cdef int rows = ceil_div(t.phase_rows, ceil_div(MIN_UNITS, c.batch)) if c.batch < MIN_UNITS else t.phase_rows
-    rows = <int>max(1, min(rows, BAND_BYTES // row_bytes - t.reach_h))
-    t.band_rows = ceil_div(t.phase_rows, ceil_div(t.phase_rows, rows))
+    t.band_rows = band_rows(t.phase_rows, c.batch, row_bytes, t.reach_h)
     t.bands = ceil_div(t.phase_rows, t.band_rows)
     t.blocks = ceil_div(c.group_in, t.channels)
     t.channel_stride = <ptrdiff_t>(t.band_rows + t.reach_h) * t.row_width
@@ -634,10 +638,10 @@ cdef void channels_last_to_weight(const floating* acc, const Conv* c, const Dire
 
 
 cdef void channels_last_weight_partials(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
-                                        const Conv* c, const Direct* d, floating[:, ::1] partials, int threads):
+                                        const Conv* c, const Direct* d, const ChannelsLast* cl,
+                                        floating[:, ::1] partials, int threads):
     """partials[k] = the weight gradient of the k-th fixed run of units, by channels-last micro-kernel blocks:
     each run sums into its thread's accumulator (channels last), then copies it out in the weight's layout."""
-    cdef ChannelsLast cl = channels_last_plan(c, d, sizeof(floating))
     cdef int chunks = partials.shape[0], units = c.batch * d.bands, chunk, unit
     cdef Py_ssize_t band_size = <Py_ssize_t>cl.band_h * cl.band_w * cl.in_pad
     cdef Py_ssize_t block_size = <Py_ssize_t>cl.mr * d.band_rows * c.out_w
@@ -651,9 +655,9 @@ cdef void channels_last_weight_partials(const floating[:, :, :, ::1] gy, const f
         acc = band + band_size + block_size
         memset(acc, 0, acc_size * sizeof(floating))
         for unit in range(chunk * units // chunks, (chunk + 1) * units // chunks):
-            channels_last_weight_unit(&gy[0, 0, 0, 0], &x[0, 0, 0, 0], c, d, &cl, unit, acc, band,
+            channels_last_weight_unit(&gy[0, 0, 0, 0], &x[0, 0, 0, 0], c, d, cl, unit, acc, band,
                                       band + band_size)
-        channels_last_to_weight(acc, c, d, &cl, &partials[chunk, 0])
+        channels_last_to_weight(acc, c, d, cl, &partials[chunk, 0])
 
 
 def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x, floating[:, :, :, ::1] gw,
@@ -667,9 +671,9 @@ def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1
         raise ValueError(f"the direct path does not serve the weight gradient of {p}")
     cdef floating[:, ::1] partials = np.empty((min(c.batch * d.bands, WEIGHT_PARTIALS),
                                                <Py_ssize_t>c.out_channels * c.k), np.asarray(gw).dtype)
-    cdef int lanes = d.tiles.micro.lanes_double if sizeof(floating) == 8 else d.tiles.micro.lanes_float
-    if c.group_in >= lanes:
-        channels_last_weight_partials(gy, x, &c, &d, partials, threads)
+    cdef ChannelsLast cl = channels_last_plan(&c, &d, sizeof(floating))
+    if c.group_in >= cl.lanes:
+        channels_last_weight_partials(gy, x, &c, &d, &cl, partials, threads)
     else:
         direct_weight_partials(gy, x, &c, &d, partials, threads)
     cdef floating[::1] flat_gw = np.asarray(gw).reshape(-1)
