@@ -1,16 +1,18 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """The im2col + GEMM algorithm (any convolution): im2col of a block of work into a per-thread buffer, then
 one GEMM per group. A block is a few whole images, or a band of output rows of one image (so a small batch
-still feeds every core). Blocks run in parallel under OpenMP, each calling single-threaded BLAS
-(scipy.linalg.cython_blas). The blocks depend on the shape only, never on the thread count, and the weight
-gradient adds WEIGHT_PARTIALS fixed partials in a fixed order: results are bitwise identical whatever the
-number of threads.
+still feeds every core). Blocks run in parallel under OpenMP, each running a single-threaded GEMM: the
+project's own (blocked_gemm.h, on the AVX-512 or AVX2 micro-kernels chosen at run time) or, with blas=True or
+on a CPU with neither, BLAS's (scipy.linalg.cython_blas). The blocks depend on the shape only, never on the
+thread count, and the weight gradient adds WEIGHT_PARTIALS fixed partials in a fixed order: results are
+bitwise identical whatever the number of threads.
 """
 import numpy as np
 
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.string cimport memcpy, memset
+from libc.stddef cimport ptrdiff_t
+from libc.string cimport memcpy, memset, strcmp
 
 from blas_gemm cimport gemm
 from conv_common cimport (
@@ -26,7 +28,40 @@ from conv_common cimport (
 )
 from openmp_shim cimport FASTCONV_OPENMP, omp_get_max_threads, omp_get_thread_num
 
+cdef extern from "blocked_gemm.h" nogil:
+    ctypedef struct micro_kernels:
+        const char* name
+    micro_kernels micro_find(const char* name)
+    void blocked_gemm_float(const micro_kernels*, int, int, int, const float*, ptrdiff_t, ptrdiff_t, const float*,
+                            ptrdiff_t, ptrdiff_t, int, float*, ptrdiff_t, float*)
+    void blocked_gemm_double(const micro_kernels*, int, int, int, const double*, ptrdiff_t, ptrdiff_t,
+                             const double*, ptrdiff_t, ptrdiff_t, int, double*, ptrdiff_t, double*)
+    int GEMM_WORK
+
 OPENMP = bool(FASTCONV_OPENMP)  # built with OpenMP; without it prange runs serially
+
+VECTOR_ISAS = ("avx512", "avx2", "none")  # the GEMM's micro-kernels, best first ("none": BLAS's GEMM)
+cdef micro_kernels KERNELS
+
+
+def use_vector_isa(name):
+    """Run the GEMMs on the named micro-kernels (VECTOR_ISAS; the best the CPU runs by default, "none" for
+    BLAS). Returns False, changing nothing, when the CPU cannot run them."""
+    global KERNELS
+    found = micro_find(name.encode())
+    if found.name.decode() != name:
+        return False
+    KERNELS = found
+    return True
+
+
+def vector_isa():
+    return KERNELS.name.decode()
+
+
+for _isa in VECTOR_ISAS:
+    if use_vector_isa(_isa):
+        break
 
 
 def openmp_max_threads():
@@ -102,6 +137,20 @@ cdef inline void zero(floating* a, int start, int end) noexcept nogil:
         a[j] = 0
 
 
+
+
+cdef inline void matmul(const micro_kernels* kernels, bint trans_a, bint trans_b, int m, int n, int k,
+                        const floating* a, int lda, const floating* b, int ldb, bint accumulate, floating* c,
+                        int ldc, floating* work) noexcept nogil:
+    """Row-major C = op(A) @ op(B) (+ C if accumulate), by the micro-kernels or, with kernels NULL, BLAS."""
+    cdef ptrdiff_t a_row = 1 if trans_a else lda, a_col = lda if trans_a else 1
+    cdef ptrdiff_t b_row = 1 if trans_b else ldb, b_col = ldb if trans_b else 1
+    if kernels == NULL:
+        gemm(trans_a, trans_b, m, n, k, a, lda, b, ldb, 1 if accumulate else 0, c, ldc)
+    elif floating is float:
+        blocked_gemm_float(kernels, m, n, k, a, a_row, a_col, b, b_row, b_col, accumulate, c, ldc, work)
+    else:
+        blocked_gemm_double(kernels, m, n, k, a, a_row, a_col, b, b_row, b_col, accumulate, c, ldc, work)
 
 
 cdef void im2col(const floating* x, const Conv* c, Block b, floating* col) noexcept nogil:
@@ -220,8 +269,9 @@ cdef inline const floating* group_input(const floating* x, const Conv* c, Block 
     return x + (<Py_ssize_t>b.image * c.channels + g * c.group_in) * c.height * c.width
 
 
-cdef void forward_block(const floating* x, const floating* w, const floating* bias, const Conv* c, Block b,
-                        floating* y, floating* col, floating* out) noexcept nogil:
+cdef void forward_block(const micro_kernels* kernels, const floating* x, const floating* w, const floating* bias,
+                        const Conv* c, Block b, floating* y, floating* col, floating* out,
+                        floating* work) noexcept nogil:
     cdef int columns = b.images * b.rows * c.out_w, g, ldb, ldc
     cdef const floating* cols
     cdef floating* target
@@ -235,13 +285,14 @@ cdef void forward_block(const floating* x, const floating* w, const floating* bi
             target, ldc = y + output_offset(c, b, g), c.out_h * c.out_w
         else:
             target, ldc = out, columns
-        gemm(False, False, c.group_out, columns, c.k, w + <Py_ssize_t>g * c.group_out * c.k, c.k,
-             cols, ldb, 0, target, ldc)
+        matmul(kernels, False, False, c.group_out, columns, c.k, w + <Py_ssize_t>g * c.group_out * c.k, c.k,
+               cols, ldb, False, target, ldc, work)
         store_output(target, ldc, bias, c, b, g, y)
 
 
-cdef void backward_input_block(const floating* gy, const floating* w, const Conv* c, const Plan* plan, int t,
-                               floating* gx, floating* col, floating* rows) noexcept nogil:
+cdef void backward_input_block(const micro_kernels* kernels, const floating* gy, const floating* w, const Conv* c,
+                               const Plan* plan, int t, floating* gx, floating* col, floating* rows,
+                               floating* work) noexcept nogil:
     cdef int first, last, g, ld, i
     cdef Block b = input_band(c, plan, t, &first, &last)
     cdef int columns = b.images * b.rows * c.out_w
@@ -256,17 +307,17 @@ cdef void backward_input_block(const floating* gy, const floating* w, const Conv
     for g in range(c.groups):
         gy_rows = output_rows(gy, c, b, g, rows, &ld)
         if c.pointwise:
-            gemm(True, False, c.k, columns, c.group_out, w + <Py_ssize_t>g * c.group_out * c.k, c.k,
-                 gy_rows, ld, 0, <floating*>group_input(gx, c, b, g) + b.row * c.width, <int>plane)
+            matmul(kernels, True, False, c.k, columns, c.group_out, w + <Py_ssize_t>g * c.group_out * c.k, c.k,
+                   gy_rows, ld, False, <floating*>group_input(gx, c, b, g) + b.row * c.width, <int>plane, work)
         else:
-            gemm(True, False, c.k, columns, c.group_out, w + <Py_ssize_t>g * c.group_out * c.k, c.k,
-                 gy_rows, ld, 0, col, columns)
+            matmul(kernels, True, False, c.k, columns, c.group_out, w + <Py_ssize_t>g * c.group_out * c.k, c.k,
+                   gy_rows, ld, False, col, columns, work)
             col2im(col, c, b, first, last, <floating*>group_input(gx, c, b, g))
 
 
-cdef void backward_weight_chunk(const floating* gy, const floating* x, const Conv* c, const Plan* plan,
-                                int first_block, int end_block, floating* partial, floating* col,
-                                floating* rows) noexcept nogil:
+cdef void backward_weight_chunk(const micro_kernels* kernels, const floating* gy, const floating* x, const Conv* c,
+                                const Plan* plan, int first_block, int end_block, floating* partial, floating* col,
+                                floating* rows, floating* work) noexcept nogil:
     """partial = the weight gradient of blocks [first_block, end_block), accumulated in block order."""
     cdef int t, g, ld, ldb, columns
     cdef Block b
@@ -282,62 +333,80 @@ cdef void backward_weight_chunk(const floating* gy, const floating* x, const Con
             else:
                 im2col(group_input(x, c, b, g), c, b, col)
                 cols, ldb = col, columns
-            gemm(False, True, c.group_out, c.k, columns, gy_rows, ld, cols, ldb, 0 if t == first_block else 1,
-                 partial + <Py_ssize_t>g * c.group_out * c.k, c.k)
+            matmul(kernels, False, True, c.group_out, c.k, columns, gy_rows, ld, cols, ldb, t > first_block,
+                   partial + <Py_ssize_t>g * c.group_out * c.k, c.k, work)
 
+
+
+cdef inline const micro_kernels* gemm_kernels(bint blas, micro_kernels* copy):
+    """The micro-kernels a call's GEMMs run on (a copy: a switch of KERNELS never reaches a running call),
+    NULL for BLAS."""
+    copy[0] = KERNELS
+    return NULL if blas or strcmp(copy.name, b"none") == 0 else copy
+
+
+cdef inline Py_ssize_t workspace_size(const Conv* c, const Plan* plan):
+    """Elements of one thread's workspace: its column matrix, its gathered output rows, the GEMM's panels."""
+    return (c.k + c.group_out) * <Py_ssize_t>plan.columns + GEMM_WORK
 
 
 def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, const floating[::1] bias,
-                 floating[:, :, :, ::1] y, p, int threads):
-    """y = conv2d(x, w) + bias (bias may be None), by im2col + GEMM."""
+            floating[:, :, :, ::1] y, p, int threads, bint blas=False):
+    """y = conv2d(x, w) + bias (bias may be None), by im2col + GEMM (BLAS's with blas=True)."""
     cdef Conv c = geometry(p)
     cdef const floating* bias_ptr = bias_pointer(bias)
     cdef Plan plan = make_plan(&c, sizeof(floating))
-    cdef floating[:, ::1] workspace = np.empty((threads, (c.k + c.group_out) * <Py_ssize_t>plan.columns),
-                                               np.asarray(y).dtype)
+    cdef micro_kernels chosen
+    cdef const micro_kernels* kernels = gemm_kernels(blas, &chosen)
+    cdef floating[:, ::1] workspace = np.empty((threads, workspace_size(&c, &plan)), np.asarray(y).dtype)
     cdef floating* col
     cdef int t
     for t in prange(plan.blocks, nogil=True, schedule="dynamic", num_threads=threads):
         col = &workspace[omp_get_thread_num(), 0]
-        forward_block(&x[0, 0, 0, 0], &w[0, 0, 0, 0], bias_ptr, &c, block_of(&c, &plan, t), &y[0, 0, 0, 0],
-                      col, col + <Py_ssize_t>c.k * plan.columns)
+        forward_block(kernels, &x[0, 0, 0, 0], &w[0, 0, 0, 0], bias_ptr, &c, block_of(&c, &plan, t),
+                      &y[0, 0, 0, 0], col, col + <Py_ssize_t>c.k * plan.columns,
+                      col + (c.k + c.group_out) * <Py_ssize_t>plan.columns)
 
 
 
 def backward_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] w, floating[:, :, :, ::1] gx,
-                        p, int threads):
+                   p, int threads, bint blas=False):
     """gx = the gradient of conv2d with respect to its input, by GEMM + col2im."""
     cdef Conv c = geometry(p)
     cdef Plan plan = make_plan(&c, sizeof(floating))
+    cdef micro_kernels chosen
+    cdef const micro_kernels* kernels = gemm_kernels(blas, &chosen)
     cdef int first, last, t
     for t in range(plan.blocks):  # an input band's output rows reach beyond its own band (the kernel's halo)
         plan.columns = max(plan.columns, input_band(&c, &plan, t, &first, &last).rows * c.out_w * plan.images)
-    cdef floating[:, ::1] workspace = np.empty((threads, (c.k + c.group_out) * <Py_ssize_t>plan.columns),
-                                               np.asarray(gx).dtype)
+    cdef floating[:, ::1] workspace = np.empty((threads, workspace_size(&c, &plan)), np.asarray(gx).dtype)
     cdef floating* col
     for t in prange(plan.blocks, nogil=True, schedule="dynamic", num_threads=threads):
         col = &workspace[omp_get_thread_num(), 0]
-        backward_input_block(&gy[0, 0, 0, 0], &w[0, 0, 0, 0], &c, &plan, t, &gx[0, 0, 0, 0],
-                             col, col + <Py_ssize_t>c.k * plan.columns)
+        backward_input_block(kernels, &gy[0, 0, 0, 0], &w[0, 0, 0, 0], &c, &plan, t, &gx[0, 0, 0, 0],
+                             col, col + <Py_ssize_t>c.k * plan.columns,
+                             col + (c.k + c.group_out) * <Py_ssize_t>plan.columns)
 
 
 
 def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x, floating[:, :, :, ::1] gw,
-                    p, int threads):
+                    p, int threads, bint blas=False):
     """gw = the gradient of conv2d with respect to its weight: one partial per fixed run of blocks (never per
     thread), the partials then added in their order."""
     cdef Conv c = geometry(p)
     cdef Plan plan = make_plan(&c, sizeof(floating))
+    cdef micro_kernels chosen
+    cdef const micro_kernels* kernels = gemm_kernels(blas, &chosen)
     cdef int chunks = min(plan.blocks, WEIGHT_PARTIALS), chunk
     dtype = np.asarray(gw).dtype
     cdef floating[:, ::1] partials = np.empty((chunks, <Py_ssize_t>c.out_channels * c.k), dtype)
-    cdef floating[:, ::1] workspace = np.empty((threads, (c.k + c.group_out) * <Py_ssize_t>plan.columns),
-                                               dtype)
+    cdef floating[:, ::1] workspace = np.empty((threads, workspace_size(&c, &plan)), dtype)
     cdef floating* col
     for chunk in prange(chunks, nogil=True, schedule="dynamic", num_threads=threads):
         col = &workspace[omp_get_thread_num(), 0]
-        backward_weight_chunk(&gy[0, 0, 0, 0], &x[0, 0, 0, 0], &c, &plan, chunk * plan.blocks // chunks,
+        backward_weight_chunk(kernels, &gy[0, 0, 0, 0], &x[0, 0, 0, 0], &c, &plan, chunk * plan.blocks // chunks,
                               (chunk + 1) * plan.blocks // chunks, &partials[chunk, 0], col,
-                              col + <Py_ssize_t>c.k * plan.columns)
+                              col + <Py_ssize_t>c.k * plan.columns,
+                              col + (c.k + c.group_out) * <Py_ssize_t>plan.columns)
     cdef floating[::1] flat_gw = np.asarray(gw).reshape(-1)
     sum_partials(partials, flat_gw, threads)

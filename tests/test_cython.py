@@ -173,6 +173,58 @@ def test_direct_path_bitwise_identical_with_1_and_2_threads(vector_isa):
         np.testing.assert_array_equal(a, c)
 
 
+# GEMMs past each edge of blocked_gemm.h's blocking: rows not a multiple of a micro-kernel's (8 or 4), columns
+# past a block (480) with a ragged last panel, depths past a block (256), and weight gradients whose B is
+# stored by columns and much wider than A (the transposed product).
+GEMM_CASES = [
+    dict(x_shape=(2, 300, 9, 7), w_shape=(21, 300, 1, 1), stride=1, padding=0, dilation=1, groups=1, bias=True),
+    dict(x_shape=(3, 5, 37, 41), w_shape=(13, 5, 3, 3), stride=1, padding=1, dilation=1, groups=1, bias=False),
+    dict(x_shape=(2, 24, 11, 10), w_shape=(6, 12, 3, 3), stride=2, padding=(1, 0), dilation=1, groups=2,
+         bias=True),
+    dict(x_shape=(4, 30, 6, 6), w_shape=(9, 30, 3, 3), stride=1, padding=0, dilation=(1, 2), groups=1,
+         bias=False),
+]
+
+
+@pytest.fixture(params=["avx512", "avx2", "none"])
+def gemm_micro_kernels(request):
+    """Each set of the GEMM's micro-kernels in turn ("none": BLAS's GEMM), then the default again."""
+    gemm = _cython()._conv_gemm
+    default = gemm.vector_isa()
+    if not gemm.use_vector_isa(request.param):
+        pytest.skip(f"this CPU cannot run the {request.param} micro-kernels")
+    yield request.param
+    assert gemm.use_vector_isa(default)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gemm_on_each_set_of_micro_kernels_against_oracle(gemm_micro_kernels, dtype):
+    for case in GEMM_CASES + wide_conv_cases(6, seed=9) + deep_conv_cases(4, seed=10):
+        x, w, b, gy = conv_arrays(case, np.float64, seed=11)
+        kw = conv_kwargs(case)
+        ref = [fastconv.conv2d(x, w, b, **kw, backend="naive"),
+               *fastconv.conv2d_backward(gy, x, w, **kw, backend="naive")]
+        cast = [None if a is None else a.astype(dtype) for a in (x, w, b, gy)]
+        for threads in (1, 2):
+            with fastconv.threads(threads):
+                got = [fastconv.conv2d(*cast[:3], **kw, backend="cython:gemm"),
+                       *fastconv.conv2d_backward(cast[3], *cast[:2], **kw, backend="cython:gemm")]
+            if threads == 1:
+                for g, r in zip(got, ref):
+                    assert rel_err(g, r) <= TOLERANCE[dtype], case
+                first = got
+            else:
+                for g, f in zip(got, first):
+                    np.testing.assert_array_equal(g, f)
+
+
+def test_unknown_gemm_micro_kernels_are_refused():
+    gemm = _cython()._conv_gemm
+    default = gemm.vector_isa()
+    assert not gemm.use_vector_isa("avx9000")
+    assert gemm.vector_isa() == default
+
+
 def test_unknown_register_tiles_are_refused():
     conv = _cython()._conv_direct
     default = conv.vector_isa()

@@ -1,17 +1,19 @@
 """The Cython backend: compiled kernels from kernels/*.pyx (built by setup.py into fastconv/backends/_*.so).
 
 Algorithms: `direct` (any convolution, strides split into their phases; with AVX-512 or AVX2 register tiles
-picked from the CPU at run time), `gemm` (any convolution: im2col of a block of work,
-a few images or a band of rows of one image, into a per-thread buffer, then single-threaded BLAS GEMMs from
-scipy.linalg.cython_blas; blocks in parallel under OpenMP), `winograd` and `winograd2` (3x3 stride-1
-convolutions by Winograd's F(4x4, 3x3) and F(2x2, 3x3), on the project's own AVX-512 or AVX2 micro-kernels)
-and `pool` (max-pooling, parallel over the N*C planes; the 2x2/2 and 3x3/2 window rows in AVX-512 where the
-CPU has it).
+picked from the CPU at run time), `gemm` (any convolution: im2col of a block of work, a few images or a band
+of rows of one image, into a per-thread buffer, then single-threaded GEMMs on the project's own AVX-512 or
+AVX2 micro-kernels, kernels/blocked_gemm.h; blocks in parallel under OpenMP), `blas` (the same on
+scipy.linalg.cython_blas's GEMM, OpenBLAS's, whose speed follows its kernel choice), `winograd` and
+`winograd2` (3x3 stride-1 convolutions by Winograd's F(4x4, 3x3) and F(2x2, 3x3), on the same
+micro-kernels) and `pool` (max-pooling, parallel over the N*C planes; the 2x2/2 and 3x3/2 window rows in
+AVX-512 where the CPU has it).
 Results are bitwise identical with any thread count.
 
 BLAS is kept single-threaded inside the parallel regions: a convolution call limits every loaded BLAS
 (NumPy's and SciPy's OpenBLAS alike) to one thread and restores the previous limits when it returns.
 """
+import functools
 import math
 
 import numpy as np
@@ -33,7 +35,8 @@ def describe():
     openmp = (f"OpenMP on ({_conv_gemm.openmp_max_threads()} threads max)" if _conv_gemm.OPENMP
               else "OpenMP off (serial build)")
     return (f"{openmp}, direct tiles {_conv_direct.vector_isa()}, Winograd micro-kernels "
-            f"{_conv_winograd.vector_isa()}, pooling window rows {_pool.vector_isa()}, BLAS scipy.linalg.cython_blas")
+            f"{_conv_winograd.vector_isa()}, GEMM micro-kernels {_conv_gemm.vector_isa()}, pooling window rows "
+            f"{_pool.vector_isa()}, BLAS scipy.linalg.cython_blas")
 
 
 def _convolve(kernel, p, *arrays):
@@ -100,11 +103,15 @@ def _direct_applicable(op, p, dtype):
     return None
 
 
-def _convolutions(kernels):
-    """The three convolution ops of a compiled module (its forward, backward_input and backward_weight)."""
-    return {"conv2d_forward": _filling(kernels.forward, "output_shape"),
-            "conv2d_backward_input": _filling(kernels.backward_input, "input_shape"),
-            "conv2d_backward_weight": _filling(kernels.backward_weight, "weight_shape")}
+def _convolutions(kernels, **options):
+    """The three convolution ops of a compiled module (its forward, backward_input and backward_weight), called
+    with the keyword `options`."""
+    def bound(kernel):
+        return functools.partial(kernel, **options) if options else kernel
+
+    return {"conv2d_forward": _filling(bound(kernels.forward), "output_shape"),
+            "conv2d_backward_input": _filling(bound(kernels.backward_input), "input_shape"),
+            "conv2d_backward_weight": _filling(bound(kernels.backward_weight), "weight_shape")}
 
 
 def _winograd_applicable(op, p, dtype):
@@ -144,6 +151,7 @@ _EXACT = {"direct": _convolutions(_conv_direct), "gemm": _convolutions(_conv_gem
 ALGORITHMS = (
     Algorithm("direct", _EXACT["direct"], _direct_applicable),
     Algorithm("gemm", _EXACT["gemm"], _indexable),
+    Algorithm("blas", _convolutions(_conv_gemm, blas=True), _indexable),
     Algorithm("winograd", _winograd(4), _winograd_applicable),
     Algorithm("winograd2", _winograd(2), _winograd_applicable),
     Algorithm("pool", {"max_pool2d_forward": max_pool2d_forward, "max_pool2d_backward": max_pool2d_backward},
