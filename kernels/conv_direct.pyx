@@ -102,6 +102,28 @@ cdef struct Direct:
     ptrdiff_t plane            # one phase plane: (band_rows + halo) * row_width
     ptrdiff_t channel_stride   # one channel's planes in the band buffer
     ptrdiff_t buffer           # the band buffer, with the slack the last tile reads past its end
+    bint by_channels           # the forward's vectors run over output channels (see channel_tiles_pay)
+    int channel_width          # output channels per micro-kernel block (MICRO_NV vectors)
+    int channel_blocks         # micro-kernel blocks per group
+    ptrdiff_t tile_size        # elements of a unit's tile buffer
+
+
+cdef bint channel_tiles_pay(const Conv* c, const Direct* d, int lanes):
+    """Whether the forward runs faster with its vectors over output channels: micro-kernel blocks of mr output
+    pixels of one row x up to MICRO_NV vectors of output channels, summing each kernel row's taps of every
+    input channel in one call. The pixel tiles sweep whole band rows, padding columns included, so an output
+    row narrow against the kernel (LeNet's 8 pixels of a 12-wide row) wastes a third of their lanes; the blocks
+    waste only a row's last pixels and the lanes past the group's channels, at the cost of one reload of the
+    accumulators per kernel row (counted as 15%). Stride 1 across only: a kernel row's taps are evenly spaced."""
+    cdef int mr = d.tiles.micro.mr
+    if c.stride_w != 1 or mr == 0:
+        return False
+    cdef double pixel_lanes = <double>c.out_w / (ceil_div(d.band_rows * d.row_width, d.width) * d.width
+                                                 / <double>d.band_rows)
+    pixel_lanes *= <double>c.group_out / (d.blocks * d.channels)
+    cdef double channel_lanes = <double>c.out_w / (ceil_div(c.out_w, mr) * mr)
+    channel_lanes *= 0.85 * c.group_out / (ceil_div(c.group_out, lanes) * lanes)
+    return channel_lanes > pixel_lanes
 
 
 cdef bint direct_plan(const Conv* c, Py_ssize_t itemsize, Direct* d):
@@ -124,6 +146,11 @@ cdef bint direct_plan(const Conv* c, Py_ssize_t itemsize, Direct* d):
     d.plane = <ptrdiff_t>(d.band_rows + d.halo) * d.row_width
     d.channel_stride = d.phases_h * d.phases_w * d.plane
     d.buffer = c.group_in * d.channel_stride + d.width + (c.kernel_w - 1) * c.dilation_w // c.stride_w
+    cdef int lanes = d.tiles.micro.lanes_double if itemsize == 8 else d.tiles.micro.lanes_float
+    d.by_channels = channel_tiles_pay(c, d, lanes)
+    d.channel_width = MICRO_NV * lanes
+    d.channel_blocks = ceil_div(c.group_out, d.channel_width)
+    d.tile_size = max(d.channels * d.width, d.tiles.micro.mr * d.channel_width)
     return True
 
 
@@ -131,6 +158,15 @@ def direct_serves(p, Py_ssize_t itemsize):
     cdef Conv c = geometry(p)
     cdef Direct d
     return direct_plan(&c, itemsize, &d)
+
+
+def forward_vectors(p, Py_ssize_t itemsize):
+    """What the forward's vectors run over: "channels" (channel_tiles_pay) or "pixels"."""
+    cdef Conv c = geometry(p)
+    cdef Direct d
+    if not direct_plan(&c, itemsize, &d):
+        raise ValueError(f"the direct path does not serve {p}")
+    return "channels" if d.by_channels else "pixels"
 
 
 cdef void pack_weight(const floating* w, const Conv* c, const Direct* d, floating* packed) noexcept nogil:
@@ -233,6 +269,65 @@ cdef void direct_unit(const floating* x, const floating* packed, const floating*
                 start += d.width
 
 
+cdef void pack_channel_weight(const floating* w, const Conv* c, const Direct* d, floating* packed) noexcept nogil:
+    """packed[g, block, ch, tap, j] = the weight of output channel block * d.channel_width + j of group g (zero
+    past the group's channels): the micro-kernels' rows of b."""
+    cdef int g, block, ch, tap, j, o
+    for g in range(c.groups):
+        for block in range(d.channel_blocks):
+            for ch in range(c.group_in):
+                for tap in range(d.taps):
+                    for j in range(d.channel_width):
+                        o = block * d.channel_width + j
+                        packed[0] = (w[((<Py_ssize_t>g * c.group_out + o) * c.group_in + ch) * d.taps + tap]
+                                     if o < c.group_out else 0)
+                        packed += 1
+
+
+cdef void channel_unit(const floating* x, const floating* packed, const floating* bias, const Conv* c,
+                       const Direct* d, const ptrdiff_t* taps, int unit, floating* y, floating* band,
+                       floating* tile) noexcept nogil:
+    """direct_unit with the vectors over output channels: for each output row and run of mr pixels, one
+    micro-kernel call per kernel row sums that row's taps over every input channel into a pixels x channels
+    tile, stored transposed."""
+    cdef int image = unit // d.bands, row = (unit % d.bands) * d.band_rows
+    cdef int rows = min(d.band_rows, c.out_h - row), mr = d.tiles.micro.mr
+    cdef int lanes = d.tiles.micro.lanes_double if floating is double else d.tiles.micro.lanes_float
+    cdef int g, block, channels, vectors, r, q, ow, kh, i, j, o, pixels
+    cdef ptrdiff_t tap_row = <ptrdiff_t>c.kernel_w * d.channel_width  # one kernel row's taps in w_block
+    cdef ptrdiff_t plane = <ptrdiff_t>c.out_h * c.out_w
+    cdef floating shift
+    cdef floating* dst
+    cdef const floating* w_block
+    for g in range(c.groups):
+        pad_band(x + (<Py_ssize_t>image * c.channels + g * c.group_in) * c.height * c.width, c, d, row, rows, band)
+        for block in range(d.channel_blocks):
+            channels = min(d.channel_width, c.group_out - block * d.channel_width)
+            vectors = ceil_div(channels, lanes)
+            w_block = packed + (<Py_ssize_t>g * d.channel_blocks + block) * c.group_in * d.taps * d.channel_width
+            for r in range(rows):
+                for q in range(ceil_div(c.out_w, mr)):
+                    ow = q * mr
+                    for kh in range(c.kernel_h):
+                        if floating is float:
+                            d.tiles.micro.float_kernels[vectors](
+                                c.group_in, c.kernel_w, band + r * d.row_width + ow + taps[kh * c.kernel_w], 1,
+                                c.dilation_w, d.channel_stride, w_block + kh * tap_row, d.channel_width,
+                                d.taps * d.channel_width, tile, d.channel_width, kh > 0)
+                        else:
+                            d.tiles.micro.double_kernels[vectors](
+                                c.group_in, c.kernel_w, band + r * d.row_width + ow + taps[kh * c.kernel_w], 1,
+                                c.dilation_w, d.channel_stride, w_block + kh * tap_row, d.channel_width,
+                                d.taps * d.channel_width, tile, d.channel_width, kh > 0)
+                    pixels = min(mr, c.out_w - ow)
+                    for j in range(channels):
+                        o = g * c.group_out + block * d.channel_width + j
+                        shift = bias[o] if bias != NULL else 0
+                        dst = y + (<Py_ssize_t>image * c.out_channels + o) * plane + (row + r) * c.out_w + ow
+                        for i in range(pixels):
+                            dst[i] = tile[i * d.channel_width + j] + shift
+
+
 cdef tap_offsets(const Conv* c, const Direct* d, int length):
     """Where each kernel tap (kh, kw) reads in a band (its phase plane, then its row and column there),
     relative to the output pixel; `length` long, the taps past the real ones reading at offset 0 (their
@@ -252,17 +347,27 @@ cdef void direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
                  floating[:, :, :, ::1] y, const Conv* c, const Direct* d, int threads):
     """y = conv2d(x, w) + bias by the direct path."""
     dtype = np.asarray(y).dtype
-    cdef floating[::1] packed = np.empty(c.groups * d.blocks * c.group_in * d.taps * d.channels, dtype)
-    pack_weight(&w[0, 0, 0, 0], c, d, &packed[0])
+    cdef int blocks = d.channel_blocks if d.by_channels else d.blocks
+    cdef int block_width = d.channel_width if d.by_channels else d.channels
+    cdef floating[::1] packed = np.empty(c.groups * blocks * c.group_in * d.taps * block_width, dtype)
+    if d.by_channels:
+        pack_channel_weight(&w[0, 0, 0, 0], c, d, &packed[0])
+    else:
+        pack_weight(&w[0, 0, 0, 0], c, d, &packed[0])
     cdef ptrdiff_t[::1] taps = tap_offsets(c, d, d.taps)
     # zeroed once: the slack past the band and the rows a short last band leaves stale are read by tiles
     # whose results are never stored, and must not hold signalling garbage
-    cdef floating[:, ::1] workspace = np.zeros((threads, d.buffer + d.channels * d.width), dtype)
+    cdef floating[:, ::1] workspace = np.zeros((threads, d.buffer + d.tile_size), dtype)
     cdef floating* band
     cdef int unit
     for unit in prange(c.batch * d.bands, nogil=True, schedule="dynamic", num_threads=threads):
         band = &workspace[omp_get_thread_num(), 0]
-        direct_unit(&x[0, 0, 0, 0], &packed[0], bias, c, d, &taps[0], unit, &y[0, 0, 0, 0], band, band + d.buffer)
+        if d.by_channels:
+            channel_unit(&x[0, 0, 0, 0], &packed[0], bias, c, d, &taps[0], unit, &y[0, 0, 0, 0], band,
+                         band + d.buffer)
+        else:
+            direct_unit(&x[0, 0, 0, 0], &packed[0], bias, c, d, &taps[0], unit, &y[0, 0, 0, 0], band,
+                        band + d.buffer)
 
 
 

@@ -159,6 +159,39 @@ def test_direct_path_against_oracle(vector_isa, dtype):
             assert rel_err(g, r) <= TOLERANCE[dtype], case
 
 
+# Narrow output rows with many output channels, where the forward's vectors run over output channels: ragged
+# last pixel runs, channels past a block of micro-kernel width, groups, dilation, row strides and bias.
+CHANNEL_VECTOR_CASES = [
+    dict(x_shape=(5, 6, 12, 12), w_shape=(16, 6, 5, 5), stride=1, padding=0, dilation=1, groups=1, bias=True),
+    dict(x_shape=(3, 7, 10, 8), w_shape=(53, 7, 3, 3), stride=1, padding=1, dilation=1, groups=1, bias=False),
+    dict(x_shape=(2, 8, 11, 6), w_shape=(40, 4, 3, 3), stride=(2, 1), padding=(1, 2), dilation=(2, 1), groups=2,
+         bias=True),
+    dict(x_shape=(2, 30, 5, 13), w_shape=(100, 30, 2, 7), stride=1, padding=(0, 1), dilation=(1, 2), groups=1,
+         bias=True),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_forward_by_output_channels_against_oracle(vector_isa, dtype):
+    conv = _cython()._conv_direct
+    if vector_isa == "none":
+        pytest.skip("no register tiles: the direct path serves nothing")
+    for case in CHANNEL_VECTOR_CASES:
+        p = case_params(case)
+        assert conv.forward_vectors(p, np.dtype(dtype).itemsize) == "channels", case
+        x, w, b, _ = conv_arrays(case, np.float64, seed=12)
+        kw = conv_kwargs(case)
+        ref = fastconv.conv2d(x, w, b, **kw, backend="naive")
+        cast = [None if a is None else a.astype(dtype) for a in (x, w, b)]
+        for threads in (1, 2):
+            with fastconv.threads(threads):
+                got = fastconv.conv2d(*cast, **kw, backend="cython:direct")
+            assert rel_err(got, ref) <= TOLERANCE[dtype], case
+            if threads == 2:
+                np.testing.assert_array_equal(got, first)
+            first = got
+
+
 def test_direct_path_bitwise_identical_with_1_and_2_threads(vector_isa):
     _cython()
     rng = np.random.default_rng(6)
