@@ -2,8 +2,8 @@
 """The im2col + GEMM algorithm (any convolution): im2col of a block of work into a per-thread buffer, then
 one GEMM per group. A block is a few whole images, or a band of output rows of one image (so a small batch
 still feeds every core). Blocks run in parallel under OpenMP, each running a single-threaded GEMM: the
-project's own (blocked_gemm.h, on the AVX-512 or AVX2 micro-kernels chosen at run time) or, with blas=True or
-on a CPU with neither, BLAS's (scipy.linalg.cython_blas). The blocks depend on the shape only, never on the
+project's own (blocked_gemm.h, on the AVX-512 or AVX2 micro-kernels chosen at run time) or, on a CPU with
+neither, BLAS's (scipy.linalg.cython_blas). The blocks depend on the shape only, never on the
 thread count, and the weight gradient adds WEIGHT_PARTIALS fixed partials in a fixed order: results are
 bitwise identical whatever the number of threads.
 """
@@ -338,11 +338,11 @@ cdef void backward_weight_chunk(const micro_kernels* kernels, const floating* gy
 
 
 
-cdef inline const micro_kernels* gemm_kernels(bint blas, micro_kernels* copy):
+cdef inline const micro_kernels* gemm_kernels(micro_kernels* copy):
     """The micro-kernels a call's GEMMs run on (a copy: a switch of KERNELS never reaches a running call),
     NULL for BLAS."""
     copy[0] = KERNELS
-    return NULL if blas or strcmp(copy.name, b"none") == 0 else copy
+    return NULL if strcmp(copy.name, b"none") == 0 else copy
 
 
 cdef inline Py_ssize_t workspace_size(const Conv* c, const Plan* plan):
@@ -351,13 +351,13 @@ cdef inline Py_ssize_t workspace_size(const Conv* c, const Plan* plan):
 
 
 def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, const floating[::1] bias,
-            floating[:, :, :, ::1] y, p, int threads, bint blas=False):
-    """y = conv2d(x, w) + bias (bias may be None), by im2col + GEMM (BLAS's with blas=True)."""
+            floating[:, :, :, ::1] y, p, int threads):
+    """y = conv2d(x, w) + bias (bias may be None), by im2col + GEMM."""
     cdef Conv c = geometry(p)
     cdef const floating* bias_ptr = bias_pointer(bias)
     cdef Plan plan = make_plan(&c, sizeof(floating))
     cdef micro_kernels chosen
-    cdef const micro_kernels* kernels = gemm_kernels(blas, &chosen)
+    cdef const micro_kernels* kernels = gemm_kernels(&chosen)
     cdef floating[:, ::1] workspace = np.empty((threads, workspace_size(&c, &plan)), np.asarray(y).dtype)
     cdef floating* col
     cdef int t
@@ -370,12 +370,12 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, cons
 
 
 def backward_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] w, floating[:, :, :, ::1] gx,
-                   p, int threads, bint blas=False):
+                   p, int threads):
     """gx = the gradient of conv2d with respect to its input, by GEMM + col2im."""
     cdef Conv c = geometry(p)
     cdef Plan plan = make_plan(&c, sizeof(floating))
     cdef micro_kernels chosen
-    cdef const micro_kernels* kernels = gemm_kernels(blas, &chosen)
+    cdef const micro_kernels* kernels = gemm_kernels(&chosen)
     cdef int first, last, t
     for t in range(plan.blocks):  # an input band's output rows reach beyond its own band (the kernel's halo)
         plan.columns = max(plan.columns, input_band(&c, &plan, t, &first, &last).rows * c.out_w * plan.images)
@@ -390,13 +390,13 @@ def backward_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1]
 
 
 def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x, floating[:, :, :, ::1] gw,
-                    p, int threads, bint blas=False):
+                    p, int threads):
     """gw = the gradient of conv2d with respect to its weight: one partial per fixed run of blocks (never per
     thread), the partials then added in their order."""
     cdef Conv c = geometry(p)
     cdef Plan plan = make_plan(&c, sizeof(floating))
     cdef micro_kernels chosen
-    cdef const micro_kernels* kernels = gemm_kernels(blas, &chosen)
+    cdef const micro_kernels* kernels = gemm_kernels(&chosen)
     cdef int chunks = min(plan.blocks, WEIGHT_PARTIALS), chunk
     dtype = np.asarray(gw).dtype
     cdef floating[:, ::1] partials = np.empty((chunks, <Py_ssize_t>c.out_channels * c.k), dtype)

@@ -3,17 +3,15 @@
 Algorithms: `direct` (any convolution, strides split into their phases; with AVX-512 or AVX2 register tiles
 picked from the CPU at run time), `gemm` (any convolution: im2col of a block of work, a few images or a band
 of rows of one image, into a per-thread buffer, then single-threaded GEMMs on the project's own AVX-512 or
-AVX2 micro-kernels, kernels/blocked_gemm.h; blocks in parallel under OpenMP), `blas` (the same on
-scipy.linalg.cython_blas's GEMM, OpenBLAS's, whose speed follows its kernel choice), `winograd` and
-`winograd2` (3x3 stride-1 convolutions by Winograd's F(4x4, 3x3) and F(2x2, 3x3), on the same
-micro-kernels) and `pool` (max-pooling, parallel over the N*C planes; the 2x2/2 and 3x3/2 window rows in
-AVX-512 where the CPU has it).
+AVX2 micro-kernels, kernels/blocked_gemm.h, or scipy.linalg.cython_blas's on CPUs without AVX2; blocks in
+parallel under OpenMP), `winograd` and `winograd2` (3x3 stride-1 convolutions by Winograd's F(4x4, 3x3) and
+F(2x2, 3x3), on the same micro-kernels) and `pool` (max-pooling, parallel over the N*C planes; the 2x2/2
+and 3x3/2 window rows in AVX-512 where the CPU has it).
 Results are bitwise identical with any thread count.
 
 BLAS is kept single-threaded inside the parallel regions: a convolution call limits every loaded BLAS
 (NumPy's and SciPy's OpenBLAS alike) to one thread and restores the previous limits when it returns.
 """
-import functools
 import math
 
 import numpy as np
@@ -103,15 +101,11 @@ def _direct_applicable(op, p, dtype):
     return None
 
 
-def _convolutions(kernels, **options):
-    """The three convolution ops of a compiled module (its forward, backward_input and backward_weight), called
-    with the keyword `options`."""
-    def bound(kernel):
-        return functools.partial(kernel, **options) if options else kernel
-
-    return {"conv2d_forward": _filling(bound(kernels.forward), "output_shape"),
-            "conv2d_backward_input": _filling(bound(kernels.backward_input), "input_shape"),
-            "conv2d_backward_weight": _filling(bound(kernels.backward_weight), "weight_shape")}
+def _convolutions(kernels):
+    """The three convolution ops of a compiled module (its forward, backward_input and backward_weight)."""
+    return {"conv2d_forward": _filling(kernels.forward, "output_shape"),
+            "conv2d_backward_input": _filling(kernels.backward_input, "input_shape"),
+            "conv2d_backward_weight": _filling(kernels.backward_weight, "weight_shape")}
 
 
 def _winograd_applicable(op, p, dtype):
@@ -151,7 +145,6 @@ _EXACT = {"direct": _convolutions(_conv_direct), "gemm": _convolutions(_conv_gem
 ALGORITHMS = (
     Algorithm("direct", _EXACT["direct"], _direct_applicable),
     Algorithm("gemm", _EXACT["gemm"], _indexable),
-    Algorithm("blas", _convolutions(_conv_gemm, blas=True), _indexable),
     Algorithm("winograd", _winograd(4), _winograd_applicable),
     Algorithm("winograd2", _winograd(2), _winograd_applicable),
     Algorithm("pool", {"max_pool2d_forward": max_pool2d_forward, "max_pool2d_backward": max_pool2d_backward},
