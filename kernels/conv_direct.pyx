@@ -169,17 +169,18 @@ def forward_vectors(p, Py_ssize_t itemsize):
     return "channels" if d.by_channels else "pixels"
 
 
-cdef void pack_weight(const floating* w, const Conv* c, const Direct* d, floating* packed) noexcept nogil:
-    """packed[g, block, ch, tap, j] = the weight of output channel block * d.channels + j of group g (zero past
-    the group's channels), as the register tiles read it."""
+cdef void pack_weight(const floating* w, const Conv* c, int taps, int blocks, int width,
+                      floating* packed) noexcept nogil:
+    """packed[g, block, ch, tap, j] = the weight of output channel block * width + j of group g (zero past the
+    group's channels), as the register tiles (width d.channels) or the micro-kernels (d.channel_width) read it."""
     cdef int g, block, ch, tap, j, o
     for g in range(c.groups):
-        for block in range(d.blocks):
+        for block in range(blocks):
             for ch in range(c.group_in):
-                for tap in range(d.taps):
-                    for j in range(d.channels):
-                        o = block * d.channels + j
-                        packed[0] = (w[((<Py_ssize_t>g * c.group_out + o) * c.group_in + ch) * d.taps + tap]
+                for tap in range(taps):
+                    for j in range(width):
+                        o = block * width + j
+                        packed[0] = (w[((<Py_ssize_t>g * c.group_out + o) * c.group_in + ch) * taps + tap]
                                      if o < c.group_out else 0)
                         packed += 1
 
@@ -269,21 +270,6 @@ cdef void direct_unit(const floating* x, const floating* packed, const floating*
                 start += d.width
 
 
-cdef void pack_channel_weight(const floating* w, const Conv* c, const Direct* d, floating* packed) noexcept nogil:
-    """packed[g, block, ch, tap, j] = the weight of output channel block * d.channel_width + j of group g (zero
-    past the group's channels): the micro-kernels' rows of b."""
-    cdef int g, block, ch, tap, j, o
-    for g in range(c.groups):
-        for block in range(d.channel_blocks):
-            for ch in range(c.group_in):
-                for tap in range(d.taps):
-                    for j in range(d.channel_width):
-                        o = block * d.channel_width + j
-                        packed[0] = (w[((<Py_ssize_t>g * c.group_out + o) * c.group_in + ch) * d.taps + tap]
-                                     if o < c.group_out else 0)
-                        packed += 1
-
-
 cdef void channel_unit(const floating* x, const floating* packed, const floating* bias, const Conv* c,
                        const Direct* d, const ptrdiff_t* taps, int unit, floating* y, floating* band,
                        floating* tile) noexcept nogil:
@@ -350,10 +336,7 @@ cdef void direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
     cdef int blocks = d.channel_blocks if d.by_channels else d.blocks
     cdef int block_width = d.channel_width if d.by_channels else d.channels
     cdef floating[::1] packed = np.empty(c.groups * blocks * c.group_in * d.taps * block_width, dtype)
-    if d.by_channels:
-        pack_channel_weight(&w[0, 0, 0, 0], c, d, &packed[0])
-    else:
-        pack_weight(&w[0, 0, 0, 0], c, d, &packed[0])
+    pack_weight(&w[0, 0, 0, 0], c, d.taps, blocks, block_width, &packed[0])
     cdef ptrdiff_t[::1] taps = tap_offsets(c, d, d.taps)
     # zeroed once: the slack past the band and the rows a short last band leaves stale are read by tiles
     # whose results are never stored, and must not hold signalling garbage
