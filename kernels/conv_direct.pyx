@@ -242,76 +242,84 @@ cdef void store_tile(const floating* tile, const Conv* c, const Direct* d, int s
             q = (r + 1) * d.row_width
 
 
-cdef void direct_unit(const floating* x, const floating* packed, const floating* bias, const Conv* c,
-                      const Direct* d, const ptrdiff_t* taps, int unit, floating* y, floating* band,
+cdef void pixel_tiles(const floating* packed, const floating* bias, const Conv* c, const Direct* d,
+                      const ptrdiff_t* taps, int image, int row, int rows, int g, floating* y, const floating* band,
                       floating* tile) noexcept nogil:
-    """Output rows [row, row + rows) of one image, every channel: pad the band's input once per group, then
-    for each block of d.channels channels sweep the tiles across it."""
-    cdef int image = unit // d.bands, row = (unit % d.bands) * d.band_rows
-    cdef int rows = min(d.band_rows, c.out_h - row), pixels = rows * d.row_width
-    cdef int g, block, start, channels
+    """Group g's output rows [row, row + rows) of one image from its padded band: for each block of d.channels
+    channels, the register tiles swept across the band."""
+    cdef int pixels = rows * d.row_width, block, start, channels
     cdef floating* y_block
     cdef const floating* w_block
-    for g in range(c.groups):
-        pad_band(x + (<Py_ssize_t>image * c.channels + g * c.group_in) * c.height * c.width, c, d, row, rows, band)
-        for block in range(d.blocks):
-            channels = min(d.channels, c.group_out - block * d.channels)
-            w_block = packed + (<Py_ssize_t>g * d.blocks + block) * c.group_in * d.taps * d.channels
-            y_block = y + ((<Py_ssize_t>image * c.out_channels + g * c.group_out + block * d.channels) * c.out_h
-                           + row) * c.out_w
-            start = 0
-            while start < pixels:
-                if floating is float:
-                    d.tiles.tile_float(band + start, d.channel_stride, c.group_in, taps, d.taps, w_block, tile)
-                else:
-                    d.tiles.tile_double(band + start, d.channel_stride, c.group_in, taps, d.taps, w_block, tile)
-                store_tile(tile, c, d, start, min(start + d.width, pixels), channels,
-                           bias + g * c.group_out + block * d.channels if bias != NULL else NULL, y_block)
-                start += d.width
+    for block in range(d.blocks):
+        channels = min(d.channels, c.group_out - block * d.channels)
+        w_block = packed + (<Py_ssize_t>g * d.blocks + block) * c.group_in * d.taps * d.channels
+        y_block = y + ((<Py_ssize_t>image * c.out_channels + g * c.group_out + block * d.channels) * c.out_h
+                       + row) * c.out_w
+        start = 0
+        while start < pixels:
+            if floating is float:
+                d.tiles.tile_float(band + start, d.channel_stride, c.group_in, taps, d.taps, w_block, tile)
+            else:
+                d.tiles.tile_double(band + start, d.channel_stride, c.group_in, taps, d.taps, w_block, tile)
+            store_tile(tile, c, d, start, min(start + d.width, pixels), channels,
+                       bias + g * c.group_out + block * d.channels if bias != NULL else NULL, y_block)
+            start += d.width
 
 
-cdef void channel_unit(const floating* x, const floating* packed, const floating* bias, const Conv* c,
-                       const Direct* d, const ptrdiff_t* taps, int unit, floating* y, floating* band,
-                       floating* tile) noexcept nogil:
-    """direct_unit with the vectors over output channels: for each output row and run of mr pixels, one
+cdef void channel_blocks(const floating* packed, const floating* bias, const Conv* c, const Direct* d,
+                         const ptrdiff_t* taps, int image, int row, int rows, int g, floating* y,
+                         const floating* band, floating* tile) noexcept nogil:
+    """pixel_tiles with the vectors over output channels: for each output row and run of mr pixels, one
     micro-kernel call per kernel row sums that row's taps over every input channel into a pixels x channels
     tile, stored transposed."""
-    cdef int image = unit // d.bands, row = (unit % d.bands) * d.band_rows
-    cdef int rows = min(d.band_rows, c.out_h - row), mr = d.tiles.micro.mr
+    cdef int mr = d.tiles.micro.mr
     cdef int lanes = d.tiles.micro.lanes_double if floating is double else d.tiles.micro.lanes_float
-    cdef int g, block, channels, vectors, r, q, ow, kh, i, j, o, pixels
+    cdef int block, channels, vectors, r, q, ow, kh, i, j, o, pixels
     cdef ptrdiff_t tap_row = <ptrdiff_t>c.kernel_w * d.channel_width  # one kernel row's taps in w_block
     cdef ptrdiff_t plane = <ptrdiff_t>c.out_h * c.out_w
     cdef floating shift
     cdef floating* dst
     cdef const floating* w_block
+    for block in range(d.channel_blocks):
+        channels = min(d.channel_width, c.group_out - block * d.channel_width)
+        vectors = ceil_div(channels, lanes)
+        w_block = packed + (<Py_ssize_t>g * d.channel_blocks + block) * c.group_in * d.taps * d.channel_width
+        for r in range(rows):
+            for q in range(ceil_div(c.out_w, mr)):
+                ow = q * mr
+                for kh in range(c.kernel_h):
+                    if floating is float:
+                        d.tiles.micro.float_kernels[vectors](
+                            c.group_in, c.kernel_w, band + r * d.row_width + ow + taps[kh * c.kernel_w], 1,
+                            c.dilation_w, d.channel_stride, w_block + kh * tap_row, d.channel_width,
+                            d.taps * d.channel_width, tile, d.channel_width, kh > 0)
+                    else:
+                        d.tiles.micro.double_kernels[vectors](
+                            c.group_in, c.kernel_w, band + r * d.row_width + ow + taps[kh * c.kernel_w], 1,
+                            c.dilation_w, d.channel_stride, w_block + kh * tap_row, d.channel_width,
+                            d.taps * d.channel_width, tile, d.channel_width, kh > 0)
+                pixels = min(mr, c.out_w - ow)
+                for j in range(channels):
+                    o = g * c.group_out + block * d.channel_width + j
+                    shift = bias[o] if bias != NULL else 0
+                    dst = y + (<Py_ssize_t>image * c.out_channels + o) * plane + (row + r) * c.out_w + ow
+                    for i in range(pixels):
+                        dst[i] = tile[i * d.channel_width + j] + shift
+
+
+cdef void direct_unit(const floating* x, const floating* packed, const floating* bias, const Conv* c,
+                      const Direct* d, const ptrdiff_t* taps, int unit, floating* y, floating* band,
+                      floating* tile) noexcept nogil:
+    """Output rows [row, row + rows) of one image, every channel: pad the band's input once per group, then
+    run the register tiles or the channel blocks over it."""
+    cdef int image = unit // d.bands, row = (unit % d.bands) * d.band_rows
+    cdef int rows = min(d.band_rows, c.out_h - row), g
     for g in range(c.groups):
         pad_band(x + (<Py_ssize_t>image * c.channels + g * c.group_in) * c.height * c.width, c, d, row, rows, band)
-        for block in range(d.channel_blocks):
-            channels = min(d.channel_width, c.group_out - block * d.channel_width)
-            vectors = ceil_div(channels, lanes)
-            w_block = packed + (<Py_ssize_t>g * d.channel_blocks + block) * c.group_in * d.taps * d.channel_width
-            for r in range(rows):
-                for q in range(ceil_div(c.out_w, mr)):
-                    ow = q * mr
-                    for kh in range(c.kernel_h):
-                        if floating is float:
-                            d.tiles.micro.float_kernels[vectors](
-                                c.group_in, c.kernel_w, band + r * d.row_width + ow + taps[kh * c.kernel_w], 1,
-                                c.dilation_w, d.channel_stride, w_block + kh * tap_row, d.channel_width,
-                                d.taps * d.channel_width, tile, d.channel_width, kh > 0)
-                        else:
-                            d.tiles.micro.double_kernels[vectors](
-                                c.group_in, c.kernel_w, band + r * d.row_width + ow + taps[kh * c.kernel_w], 1,
-                                c.dilation_w, d.channel_stride, w_block + kh * tap_row, d.channel_width,
-                                d.taps * d.channel_width, tile, d.channel_width, kh > 0)
-                    pixels = min(mr, c.out_w - ow)
-                    for j in range(channels):
-                        o = g * c.group_out + block * d.channel_width + j
-                        shift = bias[o] if bias != NULL else 0
-                        dst = y + (<Py_ssize_t>image * c.out_channels + o) * plane + (row + r) * c.out_w + ow
-                        for i in range(pixels):
-                            dst[i] = tile[i * d.channel_width + j] + shift
+        if d.by_channels:
+            channel_blocks(packed, bias, c, d, taps, image, row, rows, g, y, band, tile)
+        else:
+            pixel_tiles(packed, bias, c, d, taps, image, row, rows, g, y, band, tile)
 
 
 cdef tap_offsets(const Conv* c, const Direct* d, int length):
@@ -345,12 +353,7 @@ cdef void direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
     cdef int unit
     for unit in prange(c.batch * d.bands, nogil=True, schedule="dynamic", num_threads=threads):
         band = &workspace[omp_get_thread_num(), 0]
-        if d.by_channels:
-            channel_unit(&x[0, 0, 0, 0], &packed[0], bias, c, d, &taps[0], unit, &y[0, 0, 0, 0], band,
-                         band + d.buffer)
-        else:
-            direct_unit(&x[0, 0, 0, 0], &packed[0], bias, c, d, &taps[0], unit, &y[0, 0, 0, 0], band,
-                        band + d.buffer)
+        direct_unit(&x[0, 0, 0, 0], &packed[0], bias, c, d, &taps[0], unit, &y[0, 0, 0, 0], band, band + d.buffer)
 
 
 
