@@ -3,7 +3,9 @@
 rows) copies its input rows, zero-padded, into a per-thread buffer, a strided convolution's split into the
 stride's phases (see direct_plan); every output pixel is then a fixed set of taps of that buffer at fixed
 offsets, and the register tiles of direct_conv.h (channels x pixels) accumulate them without any column
-matrix. The input gradient runs the same tiles over a band of grad_output, one stride phase of the input at
+matrix. Where every output sums enough terms, the buffer holds the rows channels last instead, and
+micro_gemm.h's blocks (pixels x vectors of output channels) sum all of a pixel's taps in one call
+(channel_tiles_pay). The input gradient runs the same tiles over a band of grad_output, one stride phase of the input at
 a time (see transposed_plan); the weight gradient sums tiles of channels x taps over each unit's rows, or
 channels-last micro-kernel blocks for wide groups, in WEIGHT_PARTIALS fixed partials added in a fixed
 order. The units depend on the shape only: results are bitwise identical whatever the number of threads.
@@ -54,6 +56,10 @@ cdef extern from "direct_conv.h" nogil:
         evens_float_fn evens_float
         evens_double_fn evens_double
     int MICRO_NV
+    void transpose_float(const float* src, ptrdiff_t src_row, int rows, int cols, const float* add, float* dst,
+                         ptrdiff_t dst_row)
+    void transpose_double(const double* src, ptrdiff_t src_row, int rows, int cols, const double* add, double* dst,
+                          ptrdiff_t dst_row)
     int direct_select(const char* name)
     direct_tiles direct_current()
     int WEIGHT_TAPS
@@ -108,22 +114,27 @@ cdef struct Direct:
     ptrdiff_t tile_size        # elements of a unit's tile buffer
 
 
+cdef enum:
+    CHANNEL_TERMS = 64  # the fewest terms per output (input channels x taps) for which the channel blocks pay
+
+
 cdef bint channel_tiles_pay(const Conv* c, const Direct* d, int lanes):
-    """Whether the forward runs faster with its vectors over output channels: micro-kernel blocks of mr output
-    pixels of one row x up to MICRO_NV vectors of output channels, summing each kernel row's taps of every
-    input channel in one call. The pixel tiles sweep whole band rows, padding columns included, so an output
-    row narrow against the kernel (LeNet's 8 pixels of a 12-wide row) wastes a third of their lanes; the blocks
-    waste only a row's last pixels and the lanes past the group's channels, at the cost of one reload of the
-    accumulators per kernel row (counted as 15%). Stride 1 across only: a kernel row's taps are evenly spaced."""
+    """Whether the forward runs faster with its vectors over output channels (channel_blocks: micro-kernel
+    blocks of mr pixels of a row x up to MICRO_NV vectors of output channels, on a channels-last band) than
+    over pixels (the register tiles on a padded band). Measured in float32 and float64 on both instruction
+    sets, the blocks win wherever every output sums at least CHANNEL_TERMS terms (a block's transposed store
+    is paid once for all of them) and their lanes are not much emptier than the tiles' (the blocks waste a
+    row's last pixels and the lanes past the group's channels; the tiles waste a band row's padding columns).
+    Without dilation across only: a kernel row's columns x channels are consecutive in the band."""
     cdef int mr = d.tiles.micro.mr
-    if c.stride_w != 1 or mr == 0:
+    if c.dilation_w != 1 or mr == 0 or c.k < CHANNEL_TERMS:
         return False
     cdef double pixel_lanes = <double>c.out_w / (ceil_div(d.band_rows * d.row_width, d.width) * d.width
                                                  / <double>d.band_rows)
     pixel_lanes *= <double>c.group_out / (d.blocks * d.channels)
     cdef double channel_lanes = <double>c.out_w / (ceil_div(c.out_w, mr) * mr)
-    channel_lanes *= 0.85 * c.group_out / (ceil_div(c.group_out, lanes) * lanes)
-    return channel_lanes > pixel_lanes
+    channel_lanes *= <double>c.group_out / (ceil_div(c.group_out, lanes) * lanes)
+    return channel_lanes >= 0.8 * pixel_lanes
 
 
 cdef bint direct_plan(const Conv* c, Py_ssize_t itemsize, Direct* d):
@@ -148,7 +159,9 @@ cdef bint direct_plan(const Conv* c, Py_ssize_t itemsize, Direct* d):
     d.buffer = c.group_in * d.channel_stride + d.width + (c.kernel_w - 1) * c.dilation_w // c.stride_w
     cdef int lanes = d.tiles.micro.lanes_double if itemsize == 8 else d.tiles.micro.lanes_float
     d.by_channels = channel_tiles_pay(c, d, lanes)
-    d.channel_width = MICRO_NV * lanes
+    # blocks of up to MICRO_NV vectors of output channels; four vectors as 2 + 2, not 3 + 1
+    cdef int vectors = ceil_div(c.group_out, lanes)
+    d.channel_width = lanes * (2 if vectors == 4 else min(MICRO_NV, vectors))
     d.channel_blocks = ceil_div(c.group_out, d.channel_width)
     d.tile_size = max(d.channels * d.width, d.tiles.micro.mr * d.channel_width)
     return True
@@ -169,20 +182,84 @@ def forward_vectors(p, Py_ssize_t itemsize):
     return "channels" if d.by_channels else "pixels"
 
 
-cdef void pack_weight(const floating* w, const Conv* c, int taps, int blocks, int width,
+cdef struct ChannelsLast:
+    int mr              # output channels per micro-kernel block
+    int lanes           # elements per vector: the input channels are padded to a multiple of it
+    int in_pad          # input channels of a group, padded
+    int out_pad         # output channels of a group, padded to whole blocks
+    int band_w          # padded input columns a band row holds
+    int band_h          # padded input rows of a full band
+    bint merged         # the band's output pixels are evenly spaced: one run over all of them, not one per row
+    ptrdiff_t step      # from one output pixel's input to the next one's: stride_w * in_pad
+    ptrdiff_t row_step  # from one output row's input to the next one's: stride_h * band_w * in_pad
+    ptrdiff_t size      # elements of the band buffer
+
+
+cdef ChannelsLast channels_last_plan(const Conv* c, const Direct* d, Py_ssize_t itemsize, bint pad_channels):
+    """The channels-last band of a unit; its input channels padded to whole vectors when `pad_channels` (the
+    weight gradient's vectors run over them)."""
+    cdef ChannelsLast cl
+    cl.mr = d.tiles.micro.mr
+    cl.lanes = d.tiles.micro.lanes_double if itemsize == 8 else d.tiles.micro.lanes_float
+    cl.in_pad = ceil_div(c.group_in, cl.lanes) * cl.lanes if pad_channels else c.group_in
+    cl.out_pad = ceil_div(c.group_out, cl.mr) * cl.mr
+    cl.band_w = (c.out_w - 1) * c.stride_w + (c.kernel_w - 1) * c.dilation_w + 1
+    cl.band_h = (d.band_rows - 1) * c.stride_h + (c.kernel_h - 1) * c.dilation_h + 1
+    cl.merged = c.stride_h * cl.band_w == c.stride_w * c.out_w
+    cl.step = <ptrdiff_t>c.stride_w * cl.in_pad
+    cl.row_step = <ptrdiff_t>c.stride_h * cl.band_w * cl.in_pad
+    cl.size = <ptrdiff_t>cl.band_h * cl.band_w * cl.in_pad + cl.mr * cl.step  # slack: a row's last block reads on
+    return cl
+
+
+cdef void channels_last_band(const floating* x, const Conv* c, const ChannelsLast* cl, int row, int rows,
+                             floating* band) noexcept nogil:
+    """band[i, j, ch] = the zero-padded input of one image and group at row row * stride_h + i, column j (of
+    the padding's coordinates), channel ch (zeros past group_in): the input the output rows [row, row + rows)
+    read, channels last, so that each pixel's channels are one vector run."""
+    cdef int in_rows = (rows - 1) * c.stride_h + (c.kernel_h - 1) * c.dilation_h + 1
+    cdef int first = min(cl.band_w, c.pad_left), end = max(first, min(cl.band_w, c.pad_left + c.width))
+    cdef int i, ih, j
+    cdef ptrdiff_t row_size = <ptrdiff_t>cl.band_w * cl.in_pad
+    cdef floating* dst
+    cdef const floating* src
+    for i in range(in_rows):
+        ih = row * c.stride_h - c.pad_top + i
+        dst = band + i * row_size
+        if ih < 0 or ih >= c.height:
+            memset(dst, 0, row_size * sizeof(floating))
+            continue
+        memset(dst, 0, first * cl.in_pad * sizeof(floating))
+        memset(dst + <ptrdiff_t>end * cl.in_pad, 0, (cl.band_w - end) * cl.in_pad * sizeof(floating))
+        if first < end:
+            src = x + <Py_ssize_t>ih * c.width + first - c.pad_left
+            if floating is float:
+                transpose_float(src, <ptrdiff_t>c.height * c.width, c.group_in, end - first, NULL,
+                                dst + <ptrdiff_t>first * cl.in_pad, cl.in_pad)
+            else:
+                transpose_double(src, <ptrdiff_t>c.height * c.width, c.group_in, end - first, NULL,
+                                 dst + <ptrdiff_t>first * cl.in_pad, cl.in_pad)
+        if cl.in_pad > c.group_in:
+            for j in range(first, end):
+                memset(dst + <ptrdiff_t>j * cl.in_pad + c.group_in, 0, (cl.in_pad - c.group_in) * sizeof(floating))
+
+
+cdef void pack_weight(const floating* w, const Conv* c, int taps, int blocks, int width, bint channels_last,
                       floating* packed) noexcept nogil:
-    """packed[g, block, ch, tap, j] = the weight of output channel block * width + j of group g (zero past the
-    group's channels), as the register tiles (width d.channels) or the micro-kernels (d.channel_width) read it."""
-    cdef int g, block, ch, tap, j, o
+    """packed[g, block, ch, tap, j] (packed[g, block, tap, ch, j] when `channels_last`) = the weight of output
+    channel block * width + j of group g (zero past the group's channels), as the register tiles (width
+    d.channels) or the micro-kernels on a channels-last band (d.channel_width) read it."""
+    cdef int g, block, k, ch, tap, j, o
     for g in range(c.groups):
         for block in range(blocks):
-            for ch in range(c.group_in):
-                for tap in range(taps):
-                    for j in range(width):
-                        o = block * width + j
-                        packed[0] = (w[((<Py_ssize_t>g * c.group_out + o) * c.group_in + ch) * taps + tap]
-                                     if o < c.group_out else 0)
-                        packed += 1
+            for k in range(c.group_in * taps):
+                ch = k % c.group_in if channels_last else k // taps
+                tap = k // c.group_in if channels_last else k % taps
+                for j in range(width):
+                    o = block * width + j
+                    packed[0] = (w[((<Py_ssize_t>g * c.group_out + o) * c.group_in + ch) * taps + tap]
+                                 if o < c.group_out else 0)
+                    packed += 1
 
 
 cdef void pad_band(const floating* x, const Conv* c, const Direct* d, int row, int rows,
@@ -267,58 +344,63 @@ cdef void pixel_tiles(const floating* packed, const floating* bias, const Conv* 
 
 
 cdef void channel_blocks(const floating* packed, const floating* bias, const Conv* c, const Direct* d,
-                         const ptrdiff_t* taps, int image, int row, int rows, int g, floating* y,
+                         const ChannelsLast* cl, int image, int row, int rows, int g, floating* y,
                          const floating* band, floating* tile) noexcept nogil:
-    """pixel_tiles with the vectors over output channels: for each output row and run of mr pixels, one
-    micro-kernel call per kernel row sums that row's taps over every input channel into a pixels x channels
-    tile, stored transposed."""
+    """pixel_tiles with the vectors over output channels, on a channels-last band: for each output row and run
+    of mr pixels, one micro-kernel call sums every tap of every input channel (runs: the kernel rows; depth: a
+    kernel row's columns x input channels, consecutive in the band) into a pixels x channels tile, stored
+    transposed."""
     cdef int mr = d.tiles.micro.mr
     cdef int lanes = d.tiles.micro.lanes_double if floating is double else d.tiles.micro.lanes_float
-    cdef int block, channels, vectors, r, q, ow, kh, i, j, o, pixels
-    cdef ptrdiff_t tap_row = <ptrdiff_t>c.kernel_w * d.channel_width  # one kernel row's taps in w_block
+    cdef int depth = c.kernel_w * cl.in_pad, block, channels, vectors, first, r, q, ow
+    cdef ptrdiff_t kernel_row = <ptrdiff_t>c.dilation_h * cl.band_w * cl.in_pad
     cdef ptrdiff_t plane = <ptrdiff_t>c.out_h * c.out_w
-    cdef floating shift
-    cdef floating* dst
+    cdef floating* y_block
+    cdef const floating* bias_block
+    cdef const floating* pixel
     cdef const floating* w_block
     for block in range(d.channel_blocks):
         channels = min(d.channel_width, c.group_out - block * d.channel_width)
         vectors = ceil_div(channels, lanes)
         w_block = packed + (<Py_ssize_t>g * d.channel_blocks + block) * c.group_in * d.taps * d.channel_width
+        first = g * c.group_out + block * d.channel_width
+        y_block = y + (<Py_ssize_t>image * c.out_channels + first) * plane
+        bias_block = bias + first if bias != NULL else NULL
         for r in range(rows):
             for q in range(ceil_div(c.out_w, mr)):
                 ow = q * mr
-                for kh in range(c.kernel_h):
-                    if floating is float:
-                        d.tiles.micro.float_kernels[vectors](
-                            c.group_in, c.kernel_w, band + r * d.row_width + ow + taps[kh * c.kernel_w], 1,
-                            c.dilation_w, d.channel_stride, w_block + kh * tap_row, d.channel_width,
-                            d.taps * d.channel_width, tile, d.channel_width, kh > 0)
-                    else:
-                        d.tiles.micro.double_kernels[vectors](
-                            c.group_in, c.kernel_w, band + r * d.row_width + ow + taps[kh * c.kernel_w], 1,
-                            c.dilation_w, d.channel_stride, w_block + kh * tap_row, d.channel_width,
-                            d.taps * d.channel_width, tile, d.channel_width, kh > 0)
-                pixels = min(mr, c.out_w - ow)
-                for j in range(channels):
-                    o = g * c.group_out + block * d.channel_width + j
-                    shift = bias[o] if bias != NULL else 0
-                    dst = y + (<Py_ssize_t>image * c.out_channels + o) * plane + (row + r) * c.out_w + ow
-                    for i in range(pixels):
-                        dst[i] = tile[i * d.channel_width + j] + shift
+                pixel = band + r * cl.row_step + ow * cl.step
+                if floating is float:
+                    d.tiles.micro.float_kernels[vectors](c.kernel_h, depth, pixel, cl.step, 1, kernel_row, w_block,
+                                                         d.channel_width, depth * d.channel_width, tile,
+                                                         d.channel_width, 0)
+                else:
+                    d.tiles.micro.double_kernels[vectors](c.kernel_h, depth, pixel, cl.step, 1, kernel_row, w_block,
+                                                          d.channel_width, depth * d.channel_width, tile,
+                                                          d.channel_width, 0)
+                if floating is float:
+                    transpose_float(tile, d.channel_width, min(mr, c.out_w - ow), channels, bias_block,
+                                    y_block + (row + r) * c.out_w + ow, plane)
+                else:
+                    transpose_double(tile, d.channel_width, min(mr, c.out_w - ow), channels, bias_block,
+                                     y_block + (row + r) * c.out_w + ow, plane)
 
 
 cdef void direct_unit(const floating* x, const floating* packed, const floating* bias, const Conv* c,
-                      const Direct* d, const ptrdiff_t* taps, int unit, floating* y, floating* band,
-                      floating* tile) noexcept nogil:
-    """Output rows [row, row + rows) of one image, every channel: pad the band's input once per group, then
-    run the register tiles or the channel blocks over it."""
+                      const Direct* d, const ChannelsLast* cl, const ptrdiff_t* taps, int unit, floating* y,
+                      floating* band, floating* tile) noexcept nogil:
+    """Output rows [row, row + rows) of one image, every channel: the band's input once per group (padded, or
+    channels last), then the register tiles or the channel blocks over it."""
     cdef int image = unit // d.bands, row = (unit % d.bands) * d.band_rows
     cdef int rows = min(d.band_rows, c.out_h - row), g
+    cdef const floating* group_x
     for g in range(c.groups):
-        pad_band(x + (<Py_ssize_t>image * c.channels + g * c.group_in) * c.height * c.width, c, d, row, rows, band)
+        group_x = x + (<Py_ssize_t>image * c.channels + g * c.group_in) * c.height * c.width
         if d.by_channels:
-            channel_blocks(packed, bias, c, d, taps, image, row, rows, g, y, band, tile)
+            channels_last_band(group_x, c, cl, row, rows, band)
+            channel_blocks(packed, bias, c, d, cl, image, row, rows, g, y, band, tile)
         else:
+            pad_band(group_x, c, d, row, rows, band)
             pixel_tiles(packed, bias, c, d, taps, image, row, rows, g, y, band, tile)
 
 
@@ -344,16 +426,19 @@ cdef void direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
     cdef int blocks = d.channel_blocks if d.by_channels else d.blocks
     cdef int block_width = d.channel_width if d.by_channels else d.channels
     cdef floating[::1] packed = np.empty(c.groups * blocks * c.group_in * d.taps * block_width, dtype)
-    pack_weight(&w[0, 0, 0, 0], c, d.taps, blocks, block_width, &packed[0])
+    pack_weight(&w[0, 0, 0, 0], c, d.taps, blocks, block_width, d.by_channels, &packed[0])
     cdef ptrdiff_t[::1] taps = tap_offsets(c, d, d.taps)
+    cdef ChannelsLast cl = channels_last_plan(c, d, sizeof(floating), False)
+    cdef ptrdiff_t buffer = cl.size if d.by_channels else d.buffer
     # zeroed once: the slack past the band and the rows a short last band leaves stale are read by tiles
     # whose results are never stored, and must not hold signalling garbage
-    cdef floating[:, ::1] workspace = np.zeros((threads, d.buffer + d.tile_size), dtype)
+    cdef floating[:, ::1] workspace = np.zeros((threads, buffer + d.tile_size), dtype)
     cdef floating* band
     cdef int unit
     for unit in prange(c.batch * d.bands, nogil=True, schedule="dynamic", num_threads=threads):
         band = &workspace[omp_get_thread_num(), 0]
-        direct_unit(&x[0, 0, 0, 0], &packed[0], bias, c, d, &taps[0], unit, &y[0, 0, 0, 0], band, band + d.buffer)
+        direct_unit(&x[0, 0, 0, 0], &packed[0], bias, c, d, &cl, &taps[0], unit, &y[0, 0, 0, 0], band,
+                    band + buffer)
 
 
 
@@ -623,60 +708,6 @@ cdef void direct_weight_partials(const floating[:, :, :, ::1] gy, const floating
                                band + d.buffer, band + d.buffer + block_size)
 
 
-cdef struct ChannelsLast:
-    int mr              # output channels per micro-kernel block
-    int lanes           # elements per vector: the input channels are padded to a multiple of it
-    int in_pad          # input channels of a group, padded
-    int out_pad         # output channels of a group, padded to whole blocks
-    int band_w          # padded input columns a band row holds
-    int band_h          # padded input rows of a full band
-    bint merged         # the band's output pixels are evenly spaced: one run over all of them, not one per row
-    ptrdiff_t step      # from one output pixel's input to the next one's: stride_w * in_pad
-    ptrdiff_t row_step  # from one output row's input to the next one's: stride_h * band_w * in_pad
-
-
-cdef ChannelsLast channels_last_plan(const Conv* c, const Direct* d, Py_ssize_t itemsize):
-    cdef ChannelsLast cl
-    cl.mr = d.tiles.micro.mr
-    cl.lanes = d.tiles.micro.lanes_double if itemsize == 8 else d.tiles.micro.lanes_float
-    cl.in_pad = ceil_div(c.group_in, cl.lanes) * cl.lanes
-    cl.out_pad = ceil_div(c.group_out, cl.mr) * cl.mr
-    cl.band_w = (c.out_w - 1) * c.stride_w + (c.kernel_w - 1) * c.dilation_w + 1
-    cl.band_h = (d.band_rows - 1) * c.stride_h + (c.kernel_h - 1) * c.dilation_h + 1
-    cl.merged = c.stride_h * cl.band_w == c.stride_w * c.out_w
-    cl.step = <ptrdiff_t>c.stride_w * cl.in_pad
-    cl.row_step = <ptrdiff_t>c.stride_h * cl.band_w * cl.in_pad
-    return cl
-
-
-cdef void channels_last_band(const floating* x, const Conv* c, const ChannelsLast* cl, int row, int rows,
-                             floating* band) noexcept nogil:
-    """band[i, j, ch] = the zero-padded input of one image and group at row row * stride_h + i, column j (of
-    the padding's coordinates), channel ch (zeros past group_in): the input the output rows [row, row + rows)
-    read, channels last, so that each pixel's channels are one vector run."""
-    cdef int in_rows = (rows - 1) * c.stride_h + (c.kernel_h - 1) * c.dilation_h + 1
-    cdef int first = min(cl.band_w, c.pad_left), end = max(first, min(cl.band_w, c.pad_left + c.width))
-    cdef int i, ih, ch, j
-    cdef ptrdiff_t row_size = <ptrdiff_t>cl.band_w * cl.in_pad
-    cdef floating* dst
-    cdef const floating* src
-    for i in range(in_rows):
-        ih = row * c.stride_h - c.pad_top + i
-        dst = band + i * row_size
-        if ih < 0 or ih >= c.height:
-            memset(dst, 0, row_size * sizeof(floating))
-            continue
-        memset(dst, 0, first * cl.in_pad * sizeof(floating))
-        memset(dst + <ptrdiff_t>end * cl.in_pad, 0, (cl.band_w - end) * cl.in_pad * sizeof(floating))
-        for ch in range(c.group_in):
-            src = x + (<Py_ssize_t>ch * c.height + ih) * c.width - c.pad_left
-            for j in range(first, end):
-                dst[<ptrdiff_t>j * cl.in_pad + ch] = src[j]
-        if cl.in_pad > c.group_in:
-            for j in range(first, end):
-                memset(dst + <ptrdiff_t>j * cl.in_pad + c.group_in, 0, (cl.in_pad - c.group_in) * sizeof(floating))
-
-
 cdef void channels_last_weight_unit(const floating* gy, const floating* x, const Conv* c, const Direct* d,
                                     const ChannelsLast* cl, int unit, floating* acc, floating* band,
                                     floating* gy_block) noexcept nogil:
@@ -734,7 +765,7 @@ cdef void channels_last_weight_partials(const floating[:, :, :, ::1] gy, const f
     """partials[k] = the weight gradient of the k-th fixed run of units, by channels-last micro-kernel blocks:
     each run sums into its thread's accumulator (channels last), then copies it out in the weight's layout."""
     cdef int chunks = partials.shape[0], units = c.batch * d.bands, chunk, unit
-    cdef Py_ssize_t band_size = <Py_ssize_t>cl.band_h * cl.band_w * cl.in_pad
+    cdef Py_ssize_t band_size = cl.size
     cdef Py_ssize_t block_size = <Py_ssize_t>cl.mr * d.band_rows * c.out_w
     cdef Py_ssize_t acc_size = <Py_ssize_t>c.groups * cl.out_pad * d.taps * cl.in_pad
     cdef floating[:, ::1] workspace = np.empty((threads, band_size + block_size + acc_size),
@@ -762,7 +793,7 @@ def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1
         raise ValueError(f"the direct path does not serve the weight gradient of {p}")
     cdef floating[:, ::1] partials = np.empty((min(c.batch * d.bands, WEIGHT_PARTIALS),
                                                <Py_ssize_t>c.out_channels * c.k), np.asarray(gw).dtype)
-    cdef ChannelsLast cl = channels_last_plan(&c, &d, sizeof(floating))
+    cdef ChannelsLast cl = channels_last_plan(&c, &d, sizeof(floating), True)
     if c.group_in >= cl.lanes:
         channels_last_weight_partials(gy, x, &c, &d, &cl, partials, threads)
     else:

@@ -172,6 +172,76 @@ __attribute__((target("avx2,fma"))) static void evens_double_avx2(double *dst, c
 #endif
 
 
+/* dst[j * dst_row + i] = src[i * src_row + j] (+ add[j] unless add is NULL) for i < rows and j < cols: a
+ * transposed copy (a micro-kernel block of pixels x output channels to the output's channel planes, the input's
+ * channel planes to a channels-last band). SSE2 (every x86-64 CPU has it) moves 4 x 4 floats or 2 x 2 doubles
+ * at a time; the edges go one by one. */
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+static void transpose_float(const float *src, ptrdiff_t src_row, int rows, int cols, const float *add, float *dst,
+                            ptrdiff_t dst_row)
+{
+    int i = 0;
+#if defined(__SSE2__)
+    for (; i + 4 <= rows; i += 4) {
+        int j = 0;
+        for (; j + 4 <= cols; j += 4) {
+            const float *in = src + i * src_row + j;
+            __m128 r0 = _mm_loadu_ps(in), r1 = _mm_loadu_ps(in + src_row);
+            __m128 r2 = _mm_loadu_ps(in + 2 * src_row), r3 = _mm_loadu_ps(in + 3 * src_row);
+            _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+            if (add) {
+                r0 = _mm_add_ps(r0, _mm_set1_ps(add[j])), r1 = _mm_add_ps(r1, _mm_set1_ps(add[j + 1]));
+                r2 = _mm_add_ps(r2, _mm_set1_ps(add[j + 2])), r3 = _mm_add_ps(r3, _mm_set1_ps(add[j + 3]));
+            }
+            float *out = dst + j * dst_row + i;
+            _mm_storeu_ps(out, r0), _mm_storeu_ps(out + dst_row, r1);
+            _mm_storeu_ps(out + 2 * dst_row, r2), _mm_storeu_ps(out + 3 * dst_row, r3);
+        }
+        for (; j < cols; j++)
+            for (int k = i; k < i + 4; k++) {
+                float v = src[k * src_row + j];
+                dst[j * dst_row + k] = add ? v + add[j] : v;
+            }
+    }
+#endif
+    for (; i < rows; i++)
+        for (int j = 0; j < cols; j++) {
+            float v = src[i * src_row + j];
+            dst[j * dst_row + i] = add ? v + add[j] : v;
+        }
+}
+
+static void transpose_double(const double *src, ptrdiff_t src_row, int rows, int cols, const double *add,
+                             double *dst, ptrdiff_t dst_row)
+{
+    int i = 0;
+#if defined(__SSE2__)
+    for (; i + 2 <= rows; i += 2) {
+        int j = 0;
+        for (; j + 2 <= cols; j += 2) {
+            const double *in = src + i * src_row + j;
+            __m128d r0 = _mm_loadu_pd(in), r1 = _mm_loadu_pd(in + src_row);
+            __m128d c0 = _mm_unpacklo_pd(r0, r1), c1 = _mm_unpackhi_pd(r0, r1);
+            if (add) c0 = _mm_add_pd(c0, _mm_set1_pd(add[j])), c1 = _mm_add_pd(c1, _mm_set1_pd(add[j + 1]));
+            _mm_storeu_pd(dst + j * dst_row + i, c0), _mm_storeu_pd(dst + (j + 1) * dst_row + i, c1);
+        }
+        for (; j < cols; j++)
+            for (int k = i; k < i + 2; k++) {
+                double v = src[k * src_row + j];
+                dst[j * dst_row + k] = add ? v + add[j] : v;
+            }
+    }
+#endif
+    for (; i < rows; i++)
+        for (int j = 0; j < cols; j++) {
+            double v = src[i * src_row + j];
+            dst[j * dst_row + i] = add ? v + add[j] : v;
+        }
+}
+
 /* The register tiles in use: a direct plan copies this table once (direct_current), so a switch of tiles
  * (direct_select) never reaches a call already running with buffers sized for the others. */
 typedef struct {

@@ -163,11 +163,12 @@ def test_direct_path_against_oracle(vector_isa, dtype):
 # last pixel runs, channels past a block of micro-kernel width, groups, dilation, row strides and bias.
 CHANNEL_VECTOR_CASES = [
     dict(x_shape=(5, 6, 12, 12), w_shape=(16, 6, 5, 5), stride=1, padding=0, dilation=1, groups=1, bias=True),
-    dict(x_shape=(3, 7, 10, 8), w_shape=(53, 7, 3, 3), stride=1, padding=1, dilation=1, groups=1, bias=False),
-    dict(x_shape=(2, 8, 11, 6), w_shape=(40, 4, 3, 3), stride=(2, 1), padding=(1, 2), dilation=(2, 1), groups=2,
+    dict(x_shape=(3, 8, 10, 7), w_shape=(53, 8, 3, 3), stride=1, padding=1, dilation=1, groups=1, bias=False),
+    dict(x_shape=(2, 16, 11, 6), w_shape=(40, 8, 3, 3), stride=(2, 1), padding=(1, 2), dilation=(2, 1), groups=2,
          bias=True),
-    dict(x_shape=(2, 30, 5, 13), w_shape=(100, 30, 2, 7), stride=1, padding=(0, 1), dilation=(1, 2), groups=1,
+    dict(x_shape=(2, 30, 9, 15), w_shape=(100, 30, 2, 3), stride=(1, 2), padding=(0, 1), dilation=(2, 1), groups=1,
          bias=True),
+    dict(x_shape=(1, 64, 9, 13), w_shape=(64, 64, 1, 1), stride=1, padding=0, dilation=1, groups=1, bias=False),
 ]
 
 
