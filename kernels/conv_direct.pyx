@@ -8,7 +8,8 @@ micro_gemm.h's blocks (pixels x vectors of output channels) sum all of a pixel's
 (channel_tiles_pay). The input gradient runs the same tiles over a band of grad_output, one stride phase of the input at
 a time (see transposed_plan); the weight gradient sums tiles of channels x taps over each unit's rows, or
 channels-last micro-kernel blocks for wide groups, in WEIGHT_PARTIALS fixed partials added in a fixed
-order. The units depend on the shape only: results are bitwise identical whatever the number of threads.
+order (narrow groups with many output channels in micro-kernel blocks with vectors over those). The units
+depend on the shape only: results are bitwise identical whatever the number of threads.
 """
 import numpy as np
 
@@ -782,11 +783,122 @@ cdef void channels_last_weight_partials(const floating[:, :, :, ::1] gy, const f
         channels_last_to_weight(acc, c, d, cl, &partials[chunk, 0])
 
 
+cdef enum:
+    BY_TAPS, BY_INPUT_CHANNELS, BY_OUTPUT_CHANNELS  # the weight gradient's paths (weight_path)
+
+
+cdef int weight_path(const Conv* c, const ChannelsLast* cl, const ChannelsLast* narrow):
+    """What the weight gradient's vectors run over: input channels (channels_last_weight_unit) for groups of a
+    vector of them or more; output channels (output_vector_weight_unit) where its blocks of mr terms of a kernel
+    row (columns x input channels) x vectors of output channels are at least 3/4 full (no dilation across:
+    those terms are consecutive in the band); else output columns, in the tiles of taps (direct_weight_unit)."""
+    if c.group_in >= cl.lanes:
+        return BY_INPUT_CHANNELS
+    cdef int terms = c.kernel_w * narrow.in_pad
+    cdef double full = (<double>terms / (ceil_div(terms, narrow.mr) * narrow.mr)
+                        * c.group_out / (ceil_div(c.group_out, narrow.lanes) * narrow.lanes))
+    return BY_OUTPUT_CHANNELS if c.dilation_w == 1 and full >= 0.75 else BY_TAPS
+
+
+def weight_vectors(p, Py_ssize_t itemsize):
+    """What the weight gradient's vectors run over (weight_path): "input channels", "output channels" or
+    "columns"."""
+    cdef Conv c = geometry(p)
+    cdef Direct d
+    if not direct_plan(&c, itemsize, &d):
+        raise ValueError(f"the direct path does not serve {p}")
+    cdef ChannelsLast cl = channels_last_plan(&c, &d, itemsize, True)
+    cdef ChannelsLast narrow = channels_last_plan(&c, &d, itemsize, False)
+    return ("columns", "input channels", "output channels")[weight_path(&c, &cl, &narrow)]
+
+
+cdef void output_vector_weight_unit(const floating* gy, const floating* x, const Conv* c, const Direct* d,
+                                    const ChannelsLast* cl, int unit, floating* acc, floating* band,
+                                    floating* grads) noexcept nogil:
+    """acc[g, kh, term, o] += the weight gradient of one unit (output rows [row, row + rows) of one image) for
+    the terms (kw, ch) of each kernel row, consecutive in a channels-last band: micro-kernel blocks of mr terms
+    x up to MICRO_NV vectors of output channels summed over the unit's output pixels, a run per output row,
+    grad_output transposed to channels last (its padding channels stay zero)."""
+    cdef int image = unit // d.bands, row = (unit % d.bands) * d.band_rows
+    cdef int rows = min(d.band_rows, c.out_h - row)
+    cdef int terms = c.kernel_w * cl.in_pad, term_rows = ceil_div(terms, cl.mr) * cl.mr
+    cdef int out_pad = ceil_div(c.group_out, cl.lanes) * cl.lanes
+    cdef int g, kh, term_block, term, o, vectors
+    cdef const floating* group_gy
+    cdef const floating* a
+    cdef floating* dst
+    for g in range(c.groups):
+        channels_last_band(x + (<Py_ssize_t>image * c.channels + g * c.group_in) * c.height * c.width, c, cl, row,
+                           rows, band)
+        group_gy = gy + ((<Py_ssize_t>image * c.out_channels + g * c.group_out) * c.out_h + row) * c.out_w
+        if floating is float:
+            transpose_float(group_gy, <ptrdiff_t>c.out_h * c.out_w, c.group_out, rows * c.out_w, NULL, grads, out_pad)
+        else:
+            transpose_double(group_gy, <ptrdiff_t>c.out_h * c.out_w, c.group_out, rows * c.out_w, NULL, grads,
+                             out_pad)
+        for kh in range(c.kernel_h):
+            for term_block in range(term_rows // cl.mr):
+                term = term_block * cl.mr
+                a = band + <ptrdiff_t>kh * c.dilation_h * cl.band_w * cl.in_pad + term
+                dst = acc + ((<ptrdiff_t>g * c.kernel_h + kh) * term_rows + term) * out_pad
+                o = 0
+                while o < out_pad:
+                    vectors = min(MICRO_NV, (out_pad - o) // cl.lanes)
+                    if floating is float:
+                        d.tiles.micro.float_kernels[vectors](rows, c.out_w, a, 1, cl.step, cl.row_step, grads + o,
+                                                             out_pad, <ptrdiff_t>c.out_w * out_pad, dst + o, out_pad, 1)
+                    else:
+                        d.tiles.micro.double_kernels[vectors](rows, c.out_w, a, 1, cl.step, cl.row_step, grads + o,
+                                                              out_pad, <ptrdiff_t>c.out_w * out_pad, dst + o, out_pad,
+                                                              1)
+                    o += vectors * cl.lanes
+
+
+cdef void output_vector_to_weight(const floating* acc, const Conv* c, const ChannelsLast* cl,
+                                  floating* weight) noexcept nogil:
+    """weight[g, o, ch, kh, kw] = acc[g, kh, kw * group_in + ch, o] for the real channels and terms."""
+    cdef int term_rows = ceil_div(c.kernel_w * cl.in_pad, cl.mr) * cl.mr
+    cdef int out_pad = ceil_div(c.group_out, cl.lanes) * cl.lanes
+    cdef int g, o, ch, kh, kw
+    for g in range(c.groups):
+        for o in range(c.group_out):
+            for ch in range(c.group_in):
+                for kh in range(c.kernel_h):
+                    for kw in range(c.kernel_w):
+                        weight[0] = acc[((<ptrdiff_t>g * c.kernel_h + kh) * term_rows + kw * cl.in_pad + ch) * out_pad
+                                        + o]
+                        weight += 1
+
+
+cdef void output_vector_weight_partials(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
+                                        const Conv* c, const Direct* d, const ChannelsLast* cl,
+                                        floating[:, ::1] partials, int threads):
+    """partials[k] = the weight gradient of the k-th fixed run of units by output_vector_weight_unit: each run
+    sums into its thread's accumulator, then copies it out in the weight's layout."""
+    cdef int chunks = partials.shape[0], units = c.batch * d.bands, chunk, unit
+    cdef int out_pad = ceil_div(c.group_out, cl.lanes) * cl.lanes
+    cdef Py_ssize_t grads_size = <Py_ssize_t>d.band_rows * c.out_w * out_pad
+    cdef Py_ssize_t acc_size = (<Py_ssize_t>c.groups * c.kernel_h * ceil_div(c.kernel_w * cl.in_pad, cl.mr) * cl.mr
+                                * out_pad)
+    # zeroed once: the padding channels of the transposed grad_output are read and never written
+    cdef floating[:, ::1] workspace = np.zeros((threads, cl.size + grads_size + acc_size),
+                                               np.asarray(partials).dtype)
+    cdef floating* band
+    cdef floating* acc
+    for chunk in prange(chunks, nogil=True, schedule="dynamic", num_threads=threads):
+        band = &workspace[omp_get_thread_num(), 0]
+        acc = band + cl.size + grads_size
+        memset(acc, 0, acc_size * sizeof(floating))
+        for unit in range(chunk * units // chunks, (chunk + 1) * units // chunks):
+            output_vector_weight_unit(&gy[0, 0, 0, 0], &x[0, 0, 0, 0], c, d, cl, unit, acc, band, band + cl.size)
+        output_vector_to_weight(acc, c, cl, &partials[chunk, 0])
+
+
 def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x, floating[:, :, :, ::1] gw,
                     p, int threads):
     """gw = the gradient of conv2d with respect to its weight, by the direct path: one partial per fixed run
-    of units (never per thread), the partials then added in their order. Groups of at least a vector of input
-    channels are summed in channels-last micro-kernel blocks, narrower ones in weight tiles of taps."""
+    of units (never per thread), the partials then added in their order, each partial summed in the
+    weight_path's blocks or tiles."""
     cdef Conv c = geometry(p)
     cdef Direct d
     if not direct_plan(&c, sizeof(floating), &d):
@@ -794,8 +906,12 @@ def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1
     cdef floating[:, ::1] partials = np.empty((min(c.batch * d.bands, WEIGHT_PARTIALS),
                                                <Py_ssize_t>c.out_channels * c.k), np.asarray(gw).dtype)
     cdef ChannelsLast cl = channels_last_plan(&c, &d, sizeof(floating), True)
-    if c.group_in >= cl.lanes:
+    cdef ChannelsLast narrow = channels_last_plan(&c, &d, sizeof(floating), False)
+    cdef int path = weight_path(&c, &cl, &narrow)
+    if path == BY_INPUT_CHANNELS:
         channels_last_weight_partials(gy, x, &c, &d, &cl, partials, threads)
+    elif path == BY_OUTPUT_CHANNELS:
+        output_vector_weight_partials(gy, x, &c, &d, &narrow, partials, threads)
     else:
         direct_weight_partials(gy, x, &c, &d, partials, threads)
     cdef floating[::1] flat_gw = np.asarray(gw).reshape(-1)

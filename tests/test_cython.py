@@ -194,6 +194,42 @@ def test_forward_by_output_channels_against_oracle(vector_isa, dtype):
         np.testing.assert_array_equal(results[0], results[1])
 
 
+# Weight gradients of narrow groups with many output channels, whose vectors run over output channels: terms
+# of a kernel row past a block of micro-kernel rows, channels past a vector, groups, strides, row dilation,
+# padding, bands of several rows.
+OUTPUT_VECTOR_WEIGHT_CASES = [
+    dict(x_shape=(5, 3, 12, 12), w_shape=(16, 3, 5, 5), stride=1, padding=0, dilation=1, groups=1, bias=False),
+    dict(x_shape=(2, 3, 30, 29), w_shape=(46, 3, 7, 7), stride=2, padding=3, dilation=1, groups=1, bias=False),
+    dict(x_shape=(3, 6, 9, 11), w_shape=(64, 3, 2, 5), stride=(1, 2), padding=(2, 2), dilation=(2, 1), groups=2,
+         bias=False),
+    dict(x_shape=(1, 2, 40, 33), w_shape=(32, 2, 1, 7), stride=(3, 1), padding=(0, 3), dilation=1, groups=1,
+         bias=False),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_gradient_by_output_channels_against_oracle(vector_isa, dtype):
+    conv = _cython()._conv_direct
+    for case in OUTPUT_VECTOR_WEIGHT_CASES:
+        p = case_params(case)
+        if vector_isa == "none":
+            with pytest.raises(ValueError, match="does not serve"):
+                conv.weight_vectors(p, np.dtype(dtype).itemsize)
+            continue
+        assert conv.weight_vectors(p, np.dtype(dtype).itemsize) == "output channels", case
+        x, w, _, gy = conv_arrays(case, np.float64, seed=13)
+        kw = conv_kwargs(case)
+        ref = fastconv.conv2d_backward(gy, x, w, **kw, output_mask=(False, True, False), backend="naive")[1]
+        cast = [a.astype(dtype) for a in (gy, x, w)]
+        results = []
+        for threads in (1, 2):
+            with fastconv.threads(threads):
+                results.append(fastconv.conv2d_backward(*cast, **kw, output_mask=(False, True, False),
+                                                        backend="cython:direct")[1])
+        assert rel_err(results[0], ref) <= TOLERANCE[dtype], case
+        np.testing.assert_array_equal(results[0], results[1])
+
+
 def test_direct_path_bitwise_identical_with_1_and_2_threads(vector_isa):
     _cython()
     rng = np.random.default_rng(6)
