@@ -5,15 +5,16 @@ import numpy as np
 
 from cython cimport floating
 from cython.parallel cimport prange
+from libc.stddef cimport ptrdiff_t
 from libc.stdint cimport int64_t
 from libc.string cimport memset
 
 
 cdef extern from "pool_rows.h" nogil:
-    ctypedef void (*pool_rows_float_fn)(const float* row, unsigned row_at, int count, int cells, int first,
-                                        float* best, unsigned* best_at, int64_t* indices, int64_t origin)
-    ctypedef void (*pool_rows_double_fn)(const double* row, unsigned row_at, int count, int cells, int first,
-                                         double* best, unsigned* best_at, int64_t* indices, int64_t origin)
+    ctypedef void (*pool_rows_float_fn)(const float* row, int count, int cells, int rows, ptrdiff_t row_stride,
+                                        float* best, int64_t* indices, int64_t origin)
+    ctypedef void (*pool_rows_double_fn)(const double* row, int count, int cells, int rows, ptrdiff_t row_stride,
+                                         double* best, int64_t* indices, int64_t origin)
     ctypedef struct pool_rows:
         pool_rows_float_fn rows_float
         pool_rows_double_fn rows_double
@@ -46,6 +47,10 @@ for _isa in VECTOR_ISAS:
 
 cdef enum:
     TILE = 64
+# Planes go to the threads in this many runs per thread, taken as threads come free: a thread slowed by the
+# machine's other load leaves its later runs to the others.
+cdef enum:
+    CHUNKS_PER_THREAD = 16
 
 
 cdef struct Pool:
@@ -128,19 +133,11 @@ cdef inline bint vector_rows(const Pool* q, const pool_rows* rows) noexcept nogi
     return rows.rows_float != NULL and q.stride_w == 2 and q.dilation_w == 1 and (q.kernel_w == 2 or q.kernel_w == 3)
 
 
-cdef inline void scan_row(const floating* row, int row_at, int count, const Pool* q, const pool_rows* rows,
-                          bint first, floating* best, unsigned* best_at, int64_t* indices,
-                          int64_t origin) noexcept nogil:
-    """One window row of a tile, values and offsets (best_at NULL: the values only): the window rows of
-    pool_rows.h where they serve (indices not NULL: the last row, whose offsets they write out as indices,
-    see there); otherwise constant shapes for the common kernels let the compiler vectorize their strided
-    loads."""
-    if vector_rows(q, rows):
-        if floating is float:
-            rows.rows_float(row, row_at, count, q.kernel_w, first, best, best_at, indices, origin)
-        else:
-            rows.rows_double(row, row_at, count, q.kernel_w, first, best, best_at, indices, origin)
-    elif best_at == NULL:
+cdef inline void scan_row(const floating* row, int row_at, int count, const Pool* q, bint first, floating* best,
+                          unsigned* best_at) noexcept nogil:
+    """One window row of a tile, values and offsets (best_at NULL: the values only): constant shapes for the
+    common kernels let the compiler vectorize their strided loads."""
+    if best_at == NULL:
         if q.kernel_w == 2 and q.stride_w == 2 and q.dilation_w == 1:
             scan_window_row_values(row, count, 2, 2, 1, first, best)
         elif q.kernel_w == 3 and q.stride_w == 2 and q.dilation_w == 1:
@@ -161,9 +158,9 @@ cdef inline void scan_row(const floating* row, int row_at, int count, const Pool
 
 cdef void pool_plane(const floating* x, const Pool* q, const pool_rows* rows, floating* y,
                      int64_t* indices) noexcept nogil:
-    """Each output row: the windows whose columns all lie inside the input go window row by window row
-    across a tile of the output row (vectorized, see scan_window_row); the edge windows one by one.
-    indices NULL: the values only."""
+    """Each output row: the windows whose columns all lie inside the input go to pool_rows.h's window rows
+    where they serve, else window row by window row across a tile of the output row (vectorized, see
+    scan_window_row); the edge windows one by one. indices NULL: the values only."""
     cdef int oh, ow, h0, kh, kh_low, kh_high, row_at
     cdef int inner_low = min(q.out_w, ceil_div(q.pad_w, q.stride_w))
     cdef int last_start = q.width - 1 - (q.kernel_w - 1) * q.dilation_w + q.pad_w  # of an inner window, padded
@@ -174,7 +171,7 @@ cdef void pool_plane(const floating* x, const Pool* q, const pool_rows* rows, fl
     cdef int tile, tile_size
     cdef int64_t tile_origin
     cdef int64_t* tile_indices
-    cdef bint vectors = vector_rows(q, rows)  # the window rows write the indices themselves
+    cdef bint vectors = vector_rows(q, rows)
     for oh in range(q.out_h):
         h0 = oh * q.stride_h - q.pad_h
         window_taps(h0, q.height, q.kernel_h, q.dilation_h, &kh_low, &kh_high)
@@ -183,15 +180,25 @@ cdef void pool_plane(const floating* x, const Pool* q, const pool_rows* rows, fl
         for ow in range(inner_high, q.out_w):
             pool_window(x, q, h0, kh_low, kh_high, ow, y, indices)
         tile = inner_low
+        if vectors and inner_low < inner_high:  # the whole run of inner windows, every window row at once
+            tile_origin = <int64_t>(h0 + kh_low * q.dilation_h) * q.width + inner_low * q.stride_w - q.pad_w
+            if floating is float:
+                rows.rows_float(x + tile_origin, inner_high - inner_low, q.kernel_w, kh_high - kh_low,
+                                <ptrdiff_t>q.dilation_h * q.width, y + inner_low,
+                                indices + inner_low if indices != NULL else NULL, tile_origin)
+            else:
+                rows.rows_double(x + tile_origin, inner_high - inner_low, q.kernel_w, kh_high - kh_low,
+                                 <ptrdiff_t>q.dilation_h * q.width, y + inner_low,
+                                 indices + inner_low if indices != NULL else NULL, tile_origin)
+            tile = inner_high
         while tile < inner_high:
             tile_size = min(TILE, inner_high - tile)
             tile_origin = <int64_t>(h0 + kh_low * q.dilation_h) * q.width + tile * q.stride_w - q.pad_w
             for kh in range(kh_low, kh_high):
                 row_at = (kh - kh_low) * q.dilation_h * q.width
-                scan_row(x + tile_origin + row_at, row_at, tile_size, q, rows, kh == kh_low, y + tile,
-                         tile_at if indices != NULL else NULL,
-                         indices + tile if indices != NULL and vectors and kh == kh_high - 1 else NULL, tile_origin)
-            if indices != NULL and not vectors:
+                scan_row(x + tile_origin + row_at, row_at, tile_size, q, kh == kh_low, y + tile,
+                         tile_at if indices != NULL else NULL)
+            if indices != NULL:
                 # Indexed from a pointer (with -fwrapv a 32-bit `tile + ow` need not be contiguous): vectorizes.
                 tile_indices = indices + tile
                 for ow in range(tile_size):
@@ -215,7 +222,8 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] y,
     cdef Py_ssize_t plane = <Py_ssize_t>q.height * q.width, out_plane = <Py_ssize_t>q.out_h * q.out_w
     cdef int64_t* all_indices = NULL if indices is None else &indices[0, 0, 0, 0]
     cdef pool_rows rows = rows_in_use  # this call's, whatever is selected while it runs
-    for k in prange(planes, nogil=True, schedule="static", num_threads=threads):
+    cdef Py_ssize_t chunk = max(1, planes // (CHUNKS_PER_THREAD * threads))
+    for k in prange(planes, nogil=True, schedule="dynamic", chunksize=chunk, num_threads=threads):
         pool_plane(&x[0, 0, 0, 0] + k * plane, &q, &rows, &y[0, 0, 0, 0] + k * out_plane,
                    NULL if all_indices == NULL else all_indices + k * out_plane)
 
@@ -242,7 +250,8 @@ def max_pool2d_backward(const floating[:, :, :, ::1] gy, const int64_t[:, :, :, 
     cdef Py_ssize_t planes = <Py_ssize_t>gy.shape[0] * gy.shape[1], k
     cdef Py_ssize_t plane = <Py_ssize_t>gx.shape[2] * gx.shape[3], outputs = <Py_ssize_t>gy.shape[2] * gy.shape[3]
     cdef Py_ssize_t[::1] bad_position = np.empty(planes, np.intp)
-    for k in prange(planes, nogil=True, schedule="static", num_threads=threads):
+    cdef Py_ssize_t chunk = max(1, planes // (CHUNKS_PER_THREAD * threads))
+    for k in prange(planes, nogil=True, schedule="dynamic", chunksize=chunk, num_threads=threads):
         bad_position[k] = scatter_plane(&gy[0, 0, 0, 0] + k * outputs, &indices[0, 0, 0, 0] + k * outputs,
                                         outputs, plane, &gx[0, 0, 0, 0] + k * plane)
     for k in range(planes):

@@ -5,21 +5,23 @@
  * time: pool_rows_select("avx512") gives NULL functions on CPUs without AVX-512 (pool.pyx then keeps its own
  * loops), as pool_rows_select("none") does on any.
  *
- * A call is scan_window_row of pool.pyx for these shapes: for the `count` windows j of one window row, cell b
- * of window j is row[2 * j + b], at offset row_at + 2 * j + b; `first` starts each window from its cell 0,
- * otherwise from best[j] (and best_at[j]). A cell wins if it is greater or NaN, cells in order: PyTorch's
- * rule. best_at NULL: the values only. indices not NULL (a window's last row): the winners' offsets go out as
- * indices[j] = origin + offset (int64) instead of into best_at. Only row[0 .. 2 * count + cells - 3] is read. */
+ * A call pools `count` windows of one output row across `rows` window rows, all in registers: for window j,
+ * cell b of window row r is row[r * row_stride + 2 * j + b], at offset r * row_stride + 2 * j + b; the first
+ * cell wins, then a cell wins if it is greater or NaN, in row-major order: PyTorch's rule. best[j] gets the
+ * window's maximum and, unless indices is NULL, indices[j] = origin + the winner's offset (int64). Only
+ * row[r * row_stride .. r * row_stride + 2 * count + cells - 3] is read of each window row; each load also
+ * prefetches the same columns two rows down, which the next output row reads at stride 2 (with the many
+ * instructions of the indices, the out-of-order window alone keeps too few loads in flight). */
 #ifndef FASTCONV_POOL_ROWS_H
 #define FASTCONV_POOL_ROWS_H
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
-typedef void (*pool_rows_float_fn)(const float *row, unsigned row_at, int count, int cells, int first, float *best,
-                                   unsigned *best_at, int64_t *indices, int64_t origin);
-typedef void (*pool_rows_double_fn)(const double *row, unsigned row_at, int count, int cells, int first,
-                                    double *best, unsigned *best_at, int64_t *indices, int64_t origin);
+typedef void (*pool_rows_float_fn)(const float *row, int count, int cells, int rows, ptrdiff_t row_stride,
+                                   float *best, int64_t *indices, int64_t origin);
+typedef void (*pool_rows_double_fn)(const double *row, int count, int cells, int rows, ptrdiff_t row_stride,
+                                    double *best, int64_t *indices, int64_t origin);
 
 typedef struct {
     pool_rows_float_fn rows_float;
@@ -35,108 +37,110 @@ __attribute__((target("avx512f,avx512vl"))) static inline __mmask16 pool_lanes(i
 }
 
 __attribute__((target("avx512f,avx512vl"), always_inline))
-static inline void pool_rows_float_body(const float *row, unsigned row_at, int count, int cells, int first,
-                                        float *best, unsigned *best_at, int64_t *indices, int64_t origin)
+static inline void pool_rows_float_body(const float *row, int count, int cells, int rows, ptrdiff_t row_stride,
+                                        float *best, int64_t *indices, int64_t origin)
 {
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     const __m512i next = _mm512_add_epi32(even, _mm512_set1_epi32(2));  /* lane 15 wraps to element 0 */
-    const __m512i lane_at = _mm512_slli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 1);
     for (int j = 0; j < count; j += 16) {
-        const float *cell = row + 2 * j;
-        int readable = 2 * (count - j) + cells - 2;  /* elements from cell on that belong to these windows */
+        int readable = 2 * (count - j) + cells - 2;  /* elements of a window row that belong to these windows */
         __mmask16 active = pool_lanes(count - j);
-        __m512 low = _mm512_maskz_loadu_ps(pool_lanes(readable), cell);
-        __m512 high = _mm512_maskz_loadu_ps(pool_lanes(readable - 16), cell + 16);
-        __m512 v[3];
-        v[0] = _mm512_permutex2var_ps(low, even, high);
-        v[1] = _mm512_permutex2var_ps(low, odd, high);
-        if (cells == 3) {
-            v[2] = _mm512_permutex2var_ps(low, next, high);
-            if (readable > 32)  /* window j + 15's last cell, element 32 */
-                v[2] = _mm512_mask_broadcastss_ps(v[2], (__mmask16)0x8000, _mm_load_ss(cell + 32));
+        __m512 current = _mm512_setzero_ps();
+        __m512i current_at = _mm512_setzero_si512();
+        for (int r = 0; r < rows; r++) {
+            const float *cell = row + r * row_stride + 2 * j;
+            _mm_prefetch((const char *)(cell + 2 * row_stride), _MM_HINT_T0);
+            __m512 low = _mm512_maskz_loadu_ps(pool_lanes(readable), cell);
+            __m512 high = _mm512_maskz_loadu_ps(pool_lanes(readable - 16), cell + 16);
+            __m512 v[3];
+            v[0] = _mm512_permutex2var_ps(low, even, high);
+            v[1] = _mm512_permutex2var_ps(low, odd, high);
+            if (cells == 3) {
+                v[2] = _mm512_permutex2var_ps(low, next, high);
+                if (readable > 32)  /* window j + 15's last cell, element 32 */
+                    v[2] = _mm512_mask_broadcastss_ps(v[2], (__mmask16)0x8000, _mm_load_ss(cell + 32));
+            }
+            __m512i at = _mm512_add_epi32(_mm512_set1_epi32((int)(r * row_stride + 2 * j)), _mm512_slli_epi32(
+                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 1));
+            for (int b = 0; b < cells; b++) {
+                __mmask16 take = r == 0 && b == 0 ? (__mmask16)0xFFFF
+                    : _mm512_cmp_ps_mask(v[b], current, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v[b], v[b], _CMP_UNORD_Q);
+                current = _mm512_mask_mov_ps(current, take, v[b]);
+                if (indices != NULL)
+                    current_at = _mm512_mask_mov_epi32(current_at, take, _mm512_add_epi32(at, _mm512_set1_epi32(b)));
+            }
         }
-        __m512i base = _mm512_add_epi32(_mm512_set1_epi32((int)(row_at + 2u * (unsigned)j)), lane_at);
-        __m512 current = first ? v[0] : _mm512_maskz_loadu_ps(active, best + j);
-        __m512i current_at = best_at == NULL || first ? base : _mm512_maskz_loadu_epi32(active, best_at + j);
-        for (int b = first ? 1 : 0; b < cells; b++) {
-            __mmask16 take = _mm512_cmp_ps_mask(v[b], current, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v[b], v[b], _CMP_UNORD_Q);
-            current = _mm512_mask_mov_ps(current, take, v[b]);
-            if (best_at != NULL)
-                current_at = _mm512_mask_mov_epi32(current_at, take, _mm512_add_epi32(base, _mm512_set1_epi32(b)));
-        }
-        _mm512_mask_storeu_ps(best + j, active, current);
-        if (indices != NULL) {
-            __m512i at = _mm512_set1_epi64(origin);
-            _mm512_mask_storeu_epi64(indices + j, (__mmask8)active,
-                                     _mm512_add_epi64(at, _mm512_cvtepu32_epi64(_mm512_castsi512_si256(current_at))));
-            _mm512_mask_storeu_epi64(indices + j + 8, (__mmask8)(active >> 8),
-                                     _mm512_add_epi64(at, _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(current_at, 1))));
-        } else if (best_at != NULL) {
-            _mm512_mask_storeu_epi32(best_at + j, active, current_at);
+        __m512i base = _mm512_set1_epi64(origin);
+        __m512i first_at = _mm512_add_epi64(base, _mm512_cvtepu32_epi64(_mm512_castsi512_si256(current_at)));
+        __m512i last_at = _mm512_add_epi64(base, _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(current_at, 1)));
+        if (count - j >= 16) {  /* unmasked stores where the vector is full: cheaper to lines not in cache */
+            _mm512_storeu_ps(best + j, current);
+            if (indices != NULL) _mm512_storeu_si512(indices + j, first_at), _mm512_storeu_si512(indices + j + 8, last_at);
+        } else {
+            _mm512_mask_storeu_ps(best + j, active, current);
+            if (indices != NULL) {
+                _mm512_mask_storeu_epi64(indices + j, (__mmask8)active, first_at);
+                _mm512_mask_storeu_epi64(indices + j + 8, (__mmask8)(active >> 8), last_at);
+            }
         }
     }
 }
 
 __attribute__((target("avx512f,avx512vl"), always_inline))
-static inline void pool_rows_double_body(const double *row, unsigned row_at, int count, int cells, int first,
-                                         double *best, unsigned *best_at, int64_t *indices, int64_t origin)
+static inline void pool_rows_double_body(const double *row, int count, int cells, int rows, ptrdiff_t row_stride,
+                                         double *best, int64_t *indices, int64_t origin)
 {
     const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
     const __m512i odd = _mm512_add_epi64(even, _mm512_set1_epi64(1));
     const __m512i next = _mm512_add_epi64(even, _mm512_set1_epi64(2));  /* lane 7 wraps to element 0 */
-    const __m256i lane_at = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
     for (int j = 0; j < count; j += 8) {
-        const double *cell = row + 2 * j;
         int readable = 2 * (count - j) + cells - 2;
         __mmask8 active = (__mmask8)pool_lanes(count - j);  /* the low 8 lanes of a 16-lane mask */
-        __m512d low = _mm512_maskz_loadu_pd((__mmask8)pool_lanes(readable), cell);
-        __m512d high = _mm512_maskz_loadu_pd((__mmask8)pool_lanes(readable - 8), cell + 8);
-        __m512d v[3];
-        v[0] = _mm512_permutex2var_pd(low, even, high);
-        v[1] = _mm512_permutex2var_pd(low, odd, high);
-        if (cells == 3) {
-            v[2] = _mm512_permutex2var_pd(low, next, high);
-            if (readable > 16)  /* window j + 7's last cell, element 16 */
-                v[2] = _mm512_mask_broadcastsd_pd(v[2], (__mmask8)0x80, _mm_load_sd(cell + 16));
-        }
-        __m256i base = _mm256_add_epi32(_mm256_set1_epi32((int)(row_at + 2u * (unsigned)j)), lane_at);
-        __m512d current = first ? v[0] : _mm512_maskz_loadu_pd(active, best + j);
-        __m256i current_at = best_at == NULL || first ? base : _mm256_maskz_loadu_epi32(active, best_at + j);
-        for (int b = first ? 1 : 0; b < cells; b++) {
-            __mmask8 take = _mm512_cmp_pd_mask(v[b], current, _CMP_GT_OQ) | _mm512_cmp_pd_mask(v[b], v[b], _CMP_UNORD_Q);
-            current = _mm512_mask_mov_pd(current, take, v[b]);
-            if (best_at != NULL)
-                current_at = _mm256_mask_mov_epi32(current_at, take, _mm256_add_epi32(base, _mm256_set1_epi32(b)));
+        __m512d current = _mm512_setzero_pd();
+        __m256i current_at = _mm256_setzero_si256();
+        for (int r = 0; r < rows; r++) {
+            const double *cell = row + r * row_stride + 2 * j;
+            _mm_prefetch((const char *)(cell + 2 * row_stride), _MM_HINT_T0);
+            __m512d low = _mm512_maskz_loadu_pd((__mmask8)pool_lanes(readable), cell);
+            __m512d high = _mm512_maskz_loadu_pd((__mmask8)pool_lanes(readable - 8), cell + 8);
+            __m512d v[3];
+            v[0] = _mm512_permutex2var_pd(low, even, high);
+            v[1] = _mm512_permutex2var_pd(low, odd, high);
+            if (cells == 3) {
+                v[2] = _mm512_permutex2var_pd(low, next, high);
+                if (readable > 16)  /* window j + 7's last cell, element 16 */
+                    v[2] = _mm512_mask_broadcastsd_pd(v[2], (__mmask8)0x80, _mm_load_sd(cell + 16));
+            }
+            __m256i at = _mm256_add_epi32(_mm256_set1_epi32((int)(r * row_stride + 2 * j)),
+                                          _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14));
+            for (int b = 0; b < cells; b++) {
+                __mmask8 take = r == 0 && b == 0 ? (__mmask8)0xFF
+                    : _mm512_cmp_pd_mask(v[b], current, _CMP_GT_OQ) | _mm512_cmp_pd_mask(v[b], v[b], _CMP_UNORD_Q);
+                current = _mm512_mask_mov_pd(current, take, v[b]);
+                if (indices != NULL)
+                    current_at = _mm256_mask_mov_epi32(current_at, take, _mm256_add_epi32(at, _mm256_set1_epi32(b)));
+            }
         }
         _mm512_mask_storeu_pd(best + j, active, current);
         if (indices != NULL)
             _mm512_mask_storeu_epi64(indices + j, active,
                                      _mm512_add_epi64(_mm512_set1_epi64(origin), _mm512_cvtepu32_epi64(current_at)));
-        else if (best_at != NULL)
-            _mm256_mask_storeu_epi32(best_at + j, active, current_at);
     }
 }
-/* The bodies above with constant cells, first and offsets-or-not: no branch left in their loops. */
+/* The bodies above with constant cells and values-or-indices: no branch left in their loops. */
 #define POOL_ROWS_DISPATCH(T)                                                                                  \
     __attribute__((target("avx512f,avx512vl")))                                                               \
-    static void pool_rows_##T##_avx512(const T *row, unsigned row_at, int count, int cells, int first, T *best, \
-                                       unsigned *best_at, int64_t *indices, int64_t origin)                    \
+    static void pool_rows_##T##_avx512(const T *row, int count, int cells, int rows, ptrdiff_t row_stride,     \
+                                       T *best, int64_t *indices, int64_t origin)                              \
     {                                                                                                          \
-        if (best_at == NULL) {                                                                                 \
-            if (cells == 3) {                                                                                  \
-                if (first) pool_rows_##T##_body(row, row_at, count, 3, 1, best, NULL, NULL, 0);                \
-                else pool_rows_##T##_body(row, row_at, count, 3, 0, best, NULL, NULL, 0);                      \
-            } else {                                                                                           \
-                if (first) pool_rows_##T##_body(row, row_at, count, 2, 1, best, NULL, NULL, 0);                \
-                else pool_rows_##T##_body(row, row_at, count, 2, 0, best, NULL, NULL, 0);                      \
-            }                                                                                                  \
+        if (indices == NULL) {                                                                                 \
+            if (cells == 3) pool_rows_##T##_body(row, count, 3, rows, row_stride, best, NULL, 0);              \
+            else pool_rows_##T##_body(row, count, 2, rows, row_stride, best, NULL, 0);                         \
         } else if (cells == 3) {                                                                               \
-            if (first) pool_rows_##T##_body(row, row_at, count, 3, 1, best, best_at, indices, origin);         \
-            else pool_rows_##T##_body(row, row_at, count, 3, 0, best, best_at, indices, origin);               \
+            pool_rows_##T##_body(row, count, 3, rows, row_stride, best, indices, origin);                      \
         } else {                                                                                               \
-            if (first) pool_rows_##T##_body(row, row_at, count, 2, 1, best, best_at, indices, origin);         \
-            else pool_rows_##T##_body(row, row_at, count, 2, 0, best, best_at, indices, origin);               \
+            pool_rows_##T##_body(row, count, 2, rows, row_stride, best, indices, origin);                      \
         }                                                                                                      \
     }
 POOL_ROWS_DISPATCH(float)
