@@ -53,13 +53,20 @@ cdef inline const floating* bias_pointer(const floating[::1] bias):
     return &bias[0]
 
 
+cdef enum:
+    SUM_BLOCK = 4096  # elements of the total summed at a time: the block stays in L1 while each partial is added
+
+
 cdef inline void sum_partials(const floating[:, ::1] partials, floating[::1] total, int threads):
-    """total = partials[0] + partials[1] + ..., in that order for every element."""
-    cdef Py_ssize_t e
+    """total = partials[0] + partials[1] + ..., in that order for every element; block by block, each partial
+    added to the whole block at once (one contiguous, vectorized pass per partial)."""
+    cdef Py_ssize_t n = total.shape[0], block, start, end, e
     cdef int later
-    cdef floating sum
-    for e in prange(total.shape[0], nogil=True, schedule="static", num_threads=threads):
-        sum = partials[0, e]
+    for block in prange((n + SUM_BLOCK - 1) // SUM_BLOCK, nogil=True, schedule="static", num_threads=threads):
+        start = block * SUM_BLOCK
+        end = min(n, start + SUM_BLOCK)
+        for e in range(start, end):
+            total[e] = partials[0, e]
         for later in range(1, partials.shape[0]):
-            sum = sum + partials[later, e]
-        total[e] = sum
+            for e in range(start, end):
+                total[e] = total[e] + partials[later, e]

@@ -5,11 +5,11 @@ stride's phases (see direct_plan); every output pixel is then a fixed set of tap
 offsets, and the register tiles of direct_conv.h (channels x pixels) accumulate them without any column
 matrix. Where every output sums enough terms, the buffer holds the rows channels last instead, and
 micro_gemm.h's blocks (pixels x vectors of output channels) sum all of a pixel's taps in one call
-(channel_tiles_pay). The input gradient runs the same tiles over a band of grad_output, one stride phase of the input at
-a time (see transposed_plan); the weight gradient sums tiles of channels x taps over each unit's rows, or
-channels-last micro-kernel blocks for wide groups, in WEIGHT_PARTIALS fixed partials added in a fixed
-order (narrow groups with many output channels in micro-kernel blocks with vectors over those). The units
-depend on the shape only: results are bitwise identical whatever the number of threads.
+(channel_tiles_pay). The input gradient runs the same tiles over a band of grad_output, one stride phase of
+the input at a time (see transposed_plan); the weight gradient sums tiles of channels x taps over each
+unit's rows, or channels-last micro-kernel blocks with vectors over input channels (wide groups) or output
+channels (weight_path), in WEIGHT_PARTIALS fixed partials added in a fixed order. The units depend on the
+shape only: results are bitwise identical whatever the number of threads.
 """
 import numpy as np
 
@@ -115,6 +115,12 @@ cdef struct Direct:
     ptrdiff_t tile_size        # elements of a unit's tile buffer
 
 
+cdef inline int micro_vectors(int left) noexcept nogil:
+    """The vectors of the next micro-kernel block across `left` vectors: up to MICRO_NV, but 2 + 2 rather than
+    3 + 1 (a block of one vector loads as many values as it multiplies)."""
+    return 2 if left % MICRO_NV == 1 and left > 1 else min(MICRO_NV, left)
+
+
 cdef enum:
     CHANNEL_TERMS = 64  # the fewest terms per output (input channels x taps) for which the channel blocks pay
 
@@ -160,7 +166,7 @@ cdef bint direct_plan(const Conv* c, Py_ssize_t itemsize, Direct* d):
     d.buffer = c.group_in * d.channel_stride + d.width + (c.kernel_w - 1) * c.dilation_w // c.stride_w
     cdef int lanes = d.tiles.micro.lanes_double if itemsize == 8 else d.tiles.micro.lanes_float
     d.by_channels = channel_tiles_pay(c, d, lanes)
-    # blocks of up to MICRO_NV vectors of output channels; four vectors as 2 + 2, not 3 + 1
+    # blocks of equal width of up to MICRO_NV vectors of output channels; four vectors as 2 + 2, not 3 + 1
     cdef int vectors = ceil_div(c.group_out, lanes)
     d.channel_width = lanes * (2 if vectors == 4 else min(MICRO_NV, vectors))
     d.channel_blocks = ceil_div(c.group_out, d.channel_width)
@@ -738,7 +744,7 @@ cdef void channels_last_weight_unit(const floating* gy, const floating* x, const
                     dst = acc + ((<ptrdiff_t>g * cl.out_pad + block * cl.mr) * d.taps + kh * c.kernel_w + kw) * cl.in_pad
                     ch = 0
                     while ch < cl.in_pad:
-                        vectors = min(MICRO_NV, (cl.in_pad - ch) // cl.lanes)
+                        vectors = micro_vectors((cl.in_pad - ch) // cl.lanes)
                         if floating is float:
                             d.tiles.micro.float_kernels[vectors](runs, depth, grads, a_row, 1, c.out_w, b + ch, cl.step,
                                                                  cl.row_step, dst + ch, c_row, 1)
@@ -843,7 +849,7 @@ cdef void output_vector_weight_unit(const floating* gy, const floating* x, const
                 dst = acc + ((<ptrdiff_t>g * c.kernel_h + kh) * term_rows + term) * out_pad
                 o = 0
                 while o < out_pad:
-                    vectors = min(MICRO_NV, (out_pad - o) // cl.lanes)
+                    vectors = micro_vectors((out_pad - o) // cl.lanes)
                     if floating is float:
                         d.tiles.micro.float_kernels[vectors](rows, c.out_w, a, 1, cl.step, cl.row_step, grads + o,
                                                              out_pad, <ptrdiff_t>c.out_w * out_pad, dst + o, out_pad, 1)

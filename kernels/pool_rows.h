@@ -71,18 +71,14 @@ static inline void pool_rows_float_body(const float *row, int count, int cells, 
                     current_at = _mm512_mask_mov_epi32(current_at, take, _mm512_add_epi32(at, _mm512_set1_epi32(b)));
             }
         }
-        __m512i base = _mm512_set1_epi64(origin);
-        __m512i first_at = _mm512_add_epi64(base, _mm512_cvtepu32_epi64(_mm512_castsi512_si256(current_at)));
-        __m512i last_at = _mm512_add_epi64(base, _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(current_at, 1)));
-        if (count - j >= 16) {  /* unmasked stores where the vector is full: cheaper to lines not in cache */
-            _mm512_storeu_ps(best + j, current);
-            if (indices != NULL) _mm512_storeu_si512(indices + j, first_at), _mm512_storeu_si512(indices + j + 8, last_at);
-        } else {
-            _mm512_mask_storeu_ps(best + j, active, current);
-            if (indices != NULL) {
-                _mm512_mask_storeu_epi64(indices + j, (__mmask8)active, first_at);
-                _mm512_mask_storeu_epi64(indices + j + 8, (__mmask8)(active >> 8), last_at);
-            }
+        _mm512_mask_storeu_ps(best + j, active, current);
+        if (indices != NULL) {
+            __m512i base = _mm512_set1_epi64(origin);
+            __m256i low_at = _mm512_castsi512_si256(current_at), high_at = _mm512_extracti64x4_epi64(current_at, 1);
+            _mm512_mask_storeu_epi64(indices + j, (__mmask8)active,
+                                     _mm512_add_epi64(base, _mm512_cvtepu32_epi64(low_at)));
+            _mm512_mask_storeu_epi64(indices + j + 8, (__mmask8)(active >> 8),
+                                     _mm512_add_epi64(base, _mm512_cvtepu32_epi64(high_at)));
         }
     }
 }
