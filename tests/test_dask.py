@@ -47,10 +47,12 @@ def client(request):
 
 
 def compute_on(client, *arrays):
-    """Compute on the cluster; every fastconv task must have run on one of its workers."""
+    """Compute on the cluster; every fastconv task must have run on one of its workers (those known before or
+    after the compute: a worker the nanny restarts on a loaded machine comes back at a new address)."""
+    workers = set(client.scheduler_info()["workers"])
     with get_task_stream(client) as stream:
         values = client.compute(list(arrays), sync=True)
-    workers = set(client.scheduler_info()["workers"])
+    workers |= set(client.scheduler_info()["workers"])
     ran = [record for record in stream.data if "fastconv-" in str(record["key"])]
     assert ran and all(record["worker"] in workers for record in ran)
     return values
