@@ -12,9 +12,9 @@ from libc.string cimport memset
 
 cdef extern from "pool_rows.h" nogil:
     ctypedef void (*pool_rows_float_fn)(const float* row, int count, int cells, int rows, ptrdiff_t row_stride,
-                                        float* best, int64_t* indices, int64_t origin)
+                                        int skip, float* best, int64_t* indices, int64_t origin)
     ctypedef void (*pool_rows_double_fn)(const double* row, int count, int cells, int rows, ptrdiff_t row_stride,
-                                         double* best, int64_t* indices, int64_t origin)
+                                         int skip, double* best, int64_t* indices, int64_t origin)
     ctypedef struct pool_rows:
         pool_rows_float_fn rows_float
         pool_rows_double_fn rows_double
@@ -172,24 +172,27 @@ cdef void pool_plane(const floating* x, const Pool* q, const pool_rows* rows, fl
     cdef int64_t tile_origin
     cdef int64_t* tile_indices
     cdef bint vectors = vector_rows(q, rows)
+    # the window rows also take the first window where only its first column lies in the padding
+    cdef bint skip = vectors and q.pad_w == 1 and inner_low == 1 and inner_high > 1
+    cdef int first = 0 if skip else inner_low  # the first window of the window rows' run
     for oh in range(q.out_h):
         h0 = oh * q.stride_h - q.pad_h
         window_taps(h0, q.height, q.kernel_h, q.dilation_h, &kh_low, &kh_high)
-        for ow in range(inner_low):
+        for ow in range(first if vectors else inner_low):
             pool_window(x, q, h0, kh_low, kh_high, ow, y, indices)
         for ow in range(inner_high, q.out_w):
             pool_window(x, q, h0, kh_low, kh_high, ow, y, indices)
         tile = inner_low
         if vectors and inner_low < inner_high:  # the whole run of inner windows, every window row at once
-            tile_origin = <int64_t>(h0 + kh_low * q.dilation_h) * q.width + inner_low * q.stride_w - q.pad_w
+            tile_origin = <int64_t>(h0 + kh_low * q.dilation_h) * q.width + first * q.stride_w - q.pad_w
             if floating is float:
-                rows.rows_float(x + tile_origin, inner_high - inner_low, q.kernel_w, kh_high - kh_low,
-                                <ptrdiff_t>q.dilation_h * q.width, y + inner_low,
-                                indices + inner_low if indices != NULL else NULL, tile_origin)
+                rows.rows_float(x + tile_origin, inner_high - first, q.kernel_w, kh_high - kh_low,
+                                <ptrdiff_t>q.dilation_h * q.width, skip, y + first,
+                                indices + first if indices != NULL else NULL, tile_origin)
             else:
-                rows.rows_double(x + tile_origin, inner_high - inner_low, q.kernel_w, kh_high - kh_low,
-                                 <ptrdiff_t>q.dilation_h * q.width, y + inner_low,
-                                 indices + inner_low if indices != NULL else NULL, tile_origin)
+                rows.rows_double(x + tile_origin, inner_high - first, q.kernel_w, kh_high - kh_low,
+                                 <ptrdiff_t>q.dilation_h * q.width, skip, y + first,
+                                 indices + first if indices != NULL else NULL, tile_origin)
             tile = inner_high
         while tile < inner_high:
             tile_size = min(TILE, inner_high - tile)

@@ -9,7 +9,8 @@
  * cell b of window row r is row[r * row_stride + 2 * j + b], at offset r * row_stride + 2 * j + b; the first
  * cell wins, then a cell wins if it is greater or NaN, in row-major order: PyTorch's rule. best[j] gets the
  * window's maximum and, unless indices is NULL, indices[j] = origin + the winner's offset (int64). Only
- * row[r * row_stride .. r * row_stride + 2 * count + cells - 3] is read of each window row; each load also
+ * row[r * row_stride .. r * row_stride + 2 * count + cells - 3] is read of each window row, without its first
+ * element when `skip` (window 0's first cell lies in the left padding: it takes part in nothing); each load also
  * prefetches the same columns two rows down, which the next output row reads at stride 2 (with the many
  * instructions of the indices, the out-of-order window alone keeps too few loads in flight). */
 #ifndef FASTCONV_POOL_ROWS_H
@@ -19,9 +20,9 @@
 #include <string.h>
 
 typedef void (*pool_rows_float_fn)(const float *row, int count, int cells, int rows, ptrdiff_t row_stride,
-                                   float *best, int64_t *indices, int64_t origin);
+                                   int skip, float *best, int64_t *indices, int64_t origin);
 typedef void (*pool_rows_double_fn)(const double *row, int count, int cells, int rows, ptrdiff_t row_stride,
-                                    double *best, int64_t *indices, int64_t origin);
+                                    int skip, double *best, int64_t *indices, int64_t origin);
 
 typedef struct {
     pool_rows_float_fn rows_float;
@@ -38,7 +39,7 @@ __attribute__((target("avx512f,avx512vl"))) static inline __mmask16 pool_lanes(i
 
 __attribute__((target("avx512f,avx512vl"), always_inline))
 static inline void pool_rows_float_body(const float *row, int count, int cells, int rows, ptrdiff_t row_stride,
-                                        float *best, int64_t *indices, int64_t origin)
+                                        int skip, float *best, int64_t *indices, int64_t origin)
 {
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
@@ -46,16 +47,18 @@ static inline void pool_rows_float_body(const float *row, int count, int cells, 
     for (int j = 0; j < count; j += 16) {
         int readable = 2 * (count - j) + cells - 2;  /* elements of a window row that belong to these windows */
         __mmask16 active = pool_lanes(count - j);
+        __mmask16 padded = skip && j == 0 ? (__mmask16)1 : (__mmask16)0;  /* window 0 starts in the padding */
         __m512 current = _mm512_setzero_ps();
         __m512i current_at = _mm512_setzero_si512();
         for (int r = 0; r < rows; r++) {
             const float *cell = row + r * row_stride + 2 * j;
             _mm_prefetch((const char *)(cell + 2 * row_stride), _MM_HINT_T0);
-            __m512 low = _mm512_maskz_loadu_ps(pool_lanes(readable), cell);
+            __m512 low = _mm512_maskz_loadu_ps(pool_lanes(readable) & ~padded, cell);
             __m512 high = _mm512_maskz_loadu_ps(pool_lanes(readable - 16), cell + 16);
             __m512 v[3];
-            v[0] = _mm512_permutex2var_ps(low, even, high);
             v[1] = _mm512_permutex2var_ps(low, odd, high);
+            /* a padded cell 0 repeats cell 1 (scanning a cell twice changes nothing) */
+            v[0] = _mm512_mask_mov_ps(_mm512_permutex2var_ps(low, even, high), padded, v[1]);
             if (cells == 3) {
                 v[2] = _mm512_permutex2var_ps(low, next, high);
                 if (readable > 32)  /* window j + 15's last cell, element 32 */
@@ -68,7 +71,8 @@ static inline void pool_rows_float_body(const float *row, int count, int cells, 
                     : _mm512_cmp_ps_mask(v[b], current, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v[b], v[b], _CMP_UNORD_Q);
                 current = _mm512_mask_mov_ps(current, take, v[b]);
                 if (indices != NULL)
-                    current_at = _mm512_mask_mov_epi32(current_at, take, _mm512_add_epi32(at, _mm512_set1_epi32(b)));
+                    current_at = _mm512_mask_mov_epi32(current_at, take, _mm512_add_epi32(at, _mm512_mask_mov_epi32(
+                        _mm512_set1_epi32(b), b == 0 ? padded : (__mmask16)0, _mm512_set1_epi32(1))));
             }
         }
         _mm512_mask_storeu_ps(best + j, active, current);
@@ -85,7 +89,7 @@ static inline void pool_rows_float_body(const float *row, int count, int cells, 
 
 __attribute__((target("avx512f,avx512vl"), always_inline))
 static inline void pool_rows_double_body(const double *row, int count, int cells, int rows, ptrdiff_t row_stride,
-                                         double *best, int64_t *indices, int64_t origin)
+                                         int skip, double *best, int64_t *indices, int64_t origin)
 {
     const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
     const __m512i odd = _mm512_add_epi64(even, _mm512_set1_epi64(1));
@@ -93,16 +97,17 @@ static inline void pool_rows_double_body(const double *row, int count, int cells
     for (int j = 0; j < count; j += 8) {
         int readable = 2 * (count - j) + cells - 2;
         __mmask8 active = (__mmask8)pool_lanes(count - j);  /* the low 8 lanes of a 16-lane mask */
+        __mmask8 padded = skip && j == 0 ? (__mmask8)1 : (__mmask8)0;
         __m512d current = _mm512_setzero_pd();
         __m256i current_at = _mm256_setzero_si256();
         for (int r = 0; r < rows; r++) {
             const double *cell = row + r * row_stride + 2 * j;
             _mm_prefetch((const char *)(cell + 2 * row_stride), _MM_HINT_T0);
-            __m512d low = _mm512_maskz_loadu_pd((__mmask8)pool_lanes(readable), cell);
+            __m512d low = _mm512_maskz_loadu_pd((__mmask8)pool_lanes(readable) & ~padded, cell);
             __m512d high = _mm512_maskz_loadu_pd((__mmask8)pool_lanes(readable - 8), cell + 8);
             __m512d v[3];
-            v[0] = _mm512_permutex2var_pd(low, even, high);
             v[1] = _mm512_permutex2var_pd(low, odd, high);
+            v[0] = _mm512_mask_mov_pd(_mm512_permutex2var_pd(low, even, high), padded, v[1]);
             if (cells == 3) {
                 v[2] = _mm512_permutex2var_pd(low, next, high);
                 if (readable > 16)  /* window j + 7's last cell, element 16 */
@@ -115,7 +120,8 @@ static inline void pool_rows_double_body(const double *row, int count, int cells
                     : _mm512_cmp_pd_mask(v[b], current, _CMP_GT_OQ) | _mm512_cmp_pd_mask(v[b], v[b], _CMP_UNORD_Q);
                 current = _mm512_mask_mov_pd(current, take, v[b]);
                 if (indices != NULL)
-                    current_at = _mm256_mask_mov_epi32(current_at, take, _mm256_add_epi32(at, _mm256_set1_epi32(b)));
+                    current_at = _mm256_mask_mov_epi32(current_at, take, _mm256_add_epi32(at, _mm256_mask_mov_epi32(
+                        _mm256_set1_epi32(b), b == 0 ? padded : (__mmask8)0, _mm256_set1_epi32(1))));
             }
         }
         _mm512_mask_storeu_pd(best + j, active, current);
@@ -128,15 +134,15 @@ static inline void pool_rows_double_body(const double *row, int count, int cells
 #define POOL_ROWS_DISPATCH(T)                                                                                  \
     __attribute__((target("avx512f,avx512vl")))                                                               \
     static void pool_rows_##T##_avx512(const T *row, int count, int cells, int rows, ptrdiff_t row_stride,     \
-                                       T *best, int64_t *indices, int64_t origin)                              \
+                                       int skip, T *best, int64_t *indices, int64_t origin)                    \
     {                                                                                                          \
         if (indices == NULL) {                                                                                 \
-            if (cells == 3) pool_rows_##T##_body(row, count, 3, rows, row_stride, best, NULL, 0);              \
-            else pool_rows_##T##_body(row, count, 2, rows, row_stride, best, NULL, 0);                         \
+            if (cells == 3) pool_rows_##T##_body(row, count, 3, rows, row_stride, skip, best, NULL, 0);        \
+            else pool_rows_##T##_body(row, count, 2, rows, row_stride, skip, best, NULL, 0);                   \
         } else if (cells == 3) {                                                                               \
-            pool_rows_##T##_body(row, count, 3, rows, row_stride, best, indices, origin);                      \
+            pool_rows_##T##_body(row, count, 3, rows, row_stride, skip, best, indices, origin);                \
         } else {                                                                                               \
-            pool_rows_##T##_body(row, count, 2, rows, row_stride, best, indices, origin);                      \
+            pool_rows_##T##_body(row, count, 2, rows, row_stride, skip, best, indices, origin);                \
         }                                                                                                      \
     }
 POOL_ROWS_DISPATCH(float)

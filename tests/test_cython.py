@@ -113,6 +113,32 @@ def test_pool_window_rows_against_oracle(vector_isa, dtype):
         assert pool.use_vector_isa(default)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pool_first_window_in_the_padding(vector_isa, dtype):
+    """Windows of 2 or 3 columns at stride 2, padding 1: the window rows also take the first window, whose
+    first column is padding; its other cells -inf, NaN or ties there must give PyTorch's value and index."""
+    pool = _cython()._pool
+    default = pool.vector_isa()
+    if not pool.use_vector_isa(vector_isa):
+        pytest.skip(f"this CPU cannot run the {vector_isa} window rows")
+    rng = np.random.default_rng(21)
+    x = np.round(rng.standard_normal((2, 3, 9, 37)) * 2) / 2
+    x[0, :, :, :2] = -np.inf  # the first window's real cells all -inf on one plane
+    x[1, 0, 3, 0] = x[1, 1, 4, 1] = np.nan
+    x[1, 2, :, 0] = x[1, 2, :, 1] = 7.0  # ties
+    x = x.astype(dtype)
+    try:
+        for kernel in (2, 3):
+            window = dict(kernel_size=(3, kernel), stride=2, padding=(1, 1))
+            for indices in (True, False):
+                got = fastconv.max_pool2d(x, **window, return_indices=indices, backend="cython")
+                want = fastconv.max_pool2d(x, **window, return_indices=indices, backend="naive")
+                for g, w in zip(got if indices else (got,), want if indices else (want,)):
+                    np.testing.assert_array_equal(g, w)
+    finally:
+        assert pool.use_vector_isa(default)
+
+
 def test_bad_pool_index_raises_without_writing_out_of_bounds():
     _cython()
     x = np.random.default_rng(3).standard_normal((2, 3, 4, 4))
