@@ -200,6 +200,8 @@ cdef struct ChannelsLast:
     ptrdiff_t step      # from one output pixel's input to the next one's: stride_w * in_pad
     ptrdiff_t row_step  # from one output row's input to the next one's: stride_h * band_w * in_pad
     ptrdiff_t size      # elements of the band buffer
+    int term_rows       # a kernel row's terms (columns x channels) padded to whole blocks of mr
+    int out_lanes       # output channels of a group, padded to whole vectors
 
 
 cdef ChannelsLast channels_last_plan(const Conv* c, const Direct* d, Py_ssize_t itemsize, bint pad_channels):
@@ -216,6 +218,8 @@ cdef ChannelsLast channels_last_plan(const Conv* c, const Direct* d, Py_ssize_t 
     cl.step = <ptrdiff_t>c.stride_w * cl.in_pad
     cl.row_step = <ptrdiff_t>c.stride_h * cl.band_w * cl.in_pad
     cl.size = <ptrdiff_t>cl.band_h * cl.band_w * cl.in_pad + cl.mr * cl.step  # slack: a row's last block reads on
+    cl.term_rows = ceil_div(c.kernel_w * cl.in_pad, cl.mr) * cl.mr
+    cl.out_lanes = ceil_div(c.group_out, cl.lanes) * cl.lanes
     return cl
 
 
@@ -766,29 +770,6 @@ cdef void channels_last_to_weight(const floating* acc, const Conv* c, const Dire
                     weight += 1
 
 
-cdef void channels_last_weight_partials(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
-                                        const Conv* c, const Direct* d, const ChannelsLast* cl,
-                                        floating[:, ::1] partials, int threads):
-    """partials[k] = the weight gradient of the k-th fixed run of units, by channels-last micro-kernel blocks:
-    each run sums into its thread's accumulator (channels last), then copies it out in the weight's layout."""
-    cdef int chunks = partials.shape[0], units = c.batch * d.bands, chunk, unit
-    cdef Py_ssize_t band_size = cl.size
-    cdef Py_ssize_t block_size = <Py_ssize_t>cl.mr * d.band_rows * c.out_w
-    cdef Py_ssize_t acc_size = <Py_ssize_t>c.groups * cl.out_pad * d.taps * cl.in_pad
-    cdef floating[:, ::1] workspace = np.empty((threads, band_size + block_size + acc_size),
-                                               np.asarray(partials).dtype)
-    cdef floating* band
-    cdef floating* acc
-    for chunk in prange(chunks, nogil=True, schedule="dynamic", num_threads=threads):
-        band = &workspace[omp_get_thread_num(), 0]
-        acc = band + band_size + block_size
-        memset(acc, 0, acc_size * sizeof(floating))
-        for unit in range(chunk * units // chunks, (chunk + 1) * units // chunks):
-            channels_last_weight_unit(&gy[0, 0, 0, 0], &x[0, 0, 0, 0], c, d, cl, unit, acc, band,
-                                      band + band_size)
-        channels_last_to_weight(acc, c, d, cl, &partials[chunk, 0])
-
-
 cdef enum:
     BY_TAPS, BY_INPUT_CHANNELS, BY_OUTPUT_CHANNELS  # the weight gradient's paths (weight_path)
 
@@ -800,9 +781,7 @@ cdef int weight_path(const Conv* c, const ChannelsLast* cl, const ChannelsLast* 
     those terms are consecutive in the band); else output columns, in the tiles of taps (direct_weight_unit)."""
     if c.group_in >= cl.lanes:
         return BY_INPUT_CHANNELS
-    cdef int terms = c.kernel_w * narrow.in_pad
-    cdef double full = (<double>terms / (ceil_div(terms, narrow.mr) * narrow.mr)
-                        * c.group_out / (ceil_div(c.group_out, narrow.lanes) * narrow.lanes))
+    cdef double full = <double>c.kernel_w * narrow.in_pad / narrow.term_rows * c.group_out / narrow.out_lanes
     return BY_OUTPUT_CHANNELS if c.dilation_w == 1 and full >= 0.75 else BY_TAPS
 
 
@@ -827,9 +806,7 @@ cdef void output_vector_weight_unit(const floating* gy, const floating* x, const
     grad_output transposed to channels last (its padding channels stay zero)."""
     cdef int image = unit // d.bands, row = (unit % d.bands) * d.band_rows
     cdef int rows = min(d.band_rows, c.out_h - row)
-    cdef int terms = c.kernel_w * cl.in_pad, term_rows = ceil_div(terms, cl.mr) * cl.mr
-    cdef int out_pad = ceil_div(c.group_out, cl.lanes) * cl.lanes
-    cdef int g, kh, term_block, term, o, vectors
+    cdef int out_pad = cl.out_lanes, g, kh, term_block, term, o, vectors
     cdef const floating* group_gy
     cdef const floating* a
     cdef floating* dst
@@ -843,10 +820,10 @@ cdef void output_vector_weight_unit(const floating* gy, const floating* x, const
             transpose_double(group_gy, <ptrdiff_t>c.out_h * c.out_w, c.group_out, rows * c.out_w, NULL, grads,
                              out_pad)
         for kh in range(c.kernel_h):
-            for term_block in range(term_rows // cl.mr):
+            for term_block in range(cl.term_rows // cl.mr):
                 term = term_block * cl.mr
                 a = band + <ptrdiff_t>kh * c.dilation_h * cl.band_w * cl.in_pad + term
-                dst = acc + ((<ptrdiff_t>g * c.kernel_h + kh) * term_rows + term) * out_pad
+                dst = acc + ((<ptrdiff_t>g * c.kernel_h + kh) * cl.term_rows + term) * out_pad
                 o = 0
                 while o < out_pad:
                     vectors = micro_vectors((out_pad - o) // cl.lanes)
@@ -863,32 +840,31 @@ cdef void output_vector_weight_unit(const floating* gy, const floating* x, const
 cdef void output_vector_to_weight(const floating* acc, const Conv* c, const ChannelsLast* cl,
                                   floating* weight) noexcept nogil:
     """weight[g, o, ch, kh, kw] = acc[g, kh, kw * group_in + ch, o] for the real channels and terms."""
-    cdef int term_rows = ceil_div(c.kernel_w * cl.in_pad, cl.mr) * cl.mr
-    cdef int out_pad = ceil_div(c.group_out, cl.lanes) * cl.lanes
     cdef int g, o, ch, kh, kw
     for g in range(c.groups):
         for o in range(c.group_out):
             for ch in range(c.group_in):
                 for kh in range(c.kernel_h):
                     for kw in range(c.kernel_w):
-                        weight[0] = acc[((<ptrdiff_t>g * c.kernel_h + kh) * term_rows + kw * cl.in_pad + ch) * out_pad
-                                        + o]
+                        weight[0] = acc[((<ptrdiff_t>g * c.kernel_h + kh) * cl.term_rows + kw * cl.in_pad + ch)
+                                        * cl.out_lanes + o]
                         weight += 1
 
 
-cdef void output_vector_weight_partials(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
-                                        const Conv* c, const Direct* d, const ChannelsLast* cl,
+cdef void channels_last_weight_partials(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x,
+                                        const Conv* c, const Direct* d, const ChannelsLast* cl, bint by_output,
                                         floating[:, ::1] partials, int threads):
-    """partials[k] = the weight gradient of the k-th fixed run of units by output_vector_weight_unit: each run
-    sums into its thread's accumulator, then copies it out in the weight's layout."""
+    """partials[k] = the weight gradient of the k-th fixed run of units, by channels-last micro-kernel blocks
+    with vectors over input channels (channels_last_weight_unit) or, `by_output`, over output channels
+    (output_vector_weight_unit): each run sums into its thread's accumulator, then copies it out in the
+    weight's layout."""
     cdef int chunks = partials.shape[0], units = c.batch * d.bands, chunk, unit
-    cdef int out_pad = ceil_div(c.group_out, cl.lanes) * cl.lanes
-    cdef Py_ssize_t grads_size = <Py_ssize_t>d.band_rows * c.out_w * out_pad
-    cdef Py_ssize_t acc_size = (<Py_ssize_t>c.groups * c.kernel_h * ceil_div(c.kernel_w * cl.in_pad, cl.mr) * cl.mr
-                                * out_pad)
-    # zeroed once: the padding channels of the transposed grad_output are read and never written
-    cdef floating[:, ::1] workspace = np.zeros((threads, cl.size + grads_size + acc_size),
-                                               np.asarray(partials).dtype)
+    cdef Py_ssize_t grads_size = <Py_ssize_t>d.band_rows * c.out_w * (cl.out_lanes if by_output else cl.mr)
+    cdef Py_ssize_t acc_size = (<Py_ssize_t>c.groups * c.kernel_h * cl.term_rows * cl.out_lanes if by_output
+                                else <Py_ssize_t>c.groups * cl.out_pad * d.taps * cl.in_pad)
+    # by output channels, zeroed once: the padding channels of the transposed grad_output are read, never written
+    cdef floating[:, ::1] workspace = (np.zeros if by_output else np.empty)((threads, cl.size + grads_size + acc_size),
+                                                                            np.asarray(partials).dtype)
     cdef floating* band
     cdef floating* acc
     for chunk in prange(chunks, nogil=True, schedule="dynamic", num_threads=threads):
@@ -896,8 +872,14 @@ cdef void output_vector_weight_partials(const floating[:, :, :, ::1] gy, const f
         acc = band + cl.size + grads_size
         memset(acc, 0, acc_size * sizeof(floating))
         for unit in range(chunk * units // chunks, (chunk + 1) * units // chunks):
-            output_vector_weight_unit(&gy[0, 0, 0, 0], &x[0, 0, 0, 0], c, d, cl, unit, acc, band, band + cl.size)
-        output_vector_to_weight(acc, c, cl, &partials[chunk, 0])
+            if by_output:
+                output_vector_weight_unit(&gy[0, 0, 0, 0], &x[0, 0, 0, 0], c, d, cl, unit, acc, band, band + cl.size)
+            else:
+                channels_last_weight_unit(&gy[0, 0, 0, 0], &x[0, 0, 0, 0], c, d, cl, unit, acc, band, band + cl.size)
+        if by_output:
+            output_vector_to_weight(acc, c, cl, &partials[chunk, 0])
+        else:
+            channels_last_to_weight(acc, c, d, cl, &partials[chunk, 0])
 
 
 def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x, floating[:, :, :, ::1] gw,
@@ -915,9 +897,9 @@ def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1
     cdef ChannelsLast narrow = channels_last_plan(&c, &d, sizeof(floating), False)
     cdef int path = weight_path(&c, &cl, &narrow)
     if path == BY_INPUT_CHANNELS:
-        channels_last_weight_partials(gy, x, &c, &d, &cl, partials, threads)
+        channels_last_weight_partials(gy, x, &c, &d, &cl, False, partials, threads)
     elif path == BY_OUTPUT_CHANNELS:
-        output_vector_weight_partials(gy, x, &c, &d, &narrow, partials, threads)
+        channels_last_weight_partials(gy, x, &c, &d, &narrow, True, partials, threads)
     else:
         direct_weight_partials(gy, x, &c, &d, partials, threads)
     cdef floating[::1] flat_gw = np.asarray(gw).reshape(-1)
