@@ -669,54 +669,88 @@ cdef const floating* grad_block(const floating* gy, const Conv* c, int image, in
     return copy
 
 
+cdef Py_ssize_t WEIGHT_ROWS_BYTES = 24 << 10  # a weight tile's rows of grad_output: they stay in L1 across the taps
+
+
+cdef struct TapTiles:
+    int rows        # output rows per tile call (WEIGHT_ROWS_BYTES of a block's grad_output)
+    int lanes       # elements of a vector
+    int tap_groups  # groups of WEIGHT_TAPS taps
+    Py_ssize_t sums  # elements of a block's lane sums: every input channel and tap group
+
+
+cdef TapTiles tap_tiles(const Conv* c, const Direct* d, Py_ssize_t itemsize):
+    cdef TapTiles t
+    t.rows = <int>max(1, min(d.band_rows, WEIGHT_ROWS_BYTES // (d.channels * c.out_w * itemsize)))
+    t.lanes = d.tiles.micro.lanes_double if itemsize == 8 else d.tiles.micro.lanes_float
+    t.tap_groups = ceil_div(d.taps, WEIGHT_TAPS)
+    t.sums = <Py_ssize_t>c.group_in * t.tap_groups * d.channels * WEIGHT_TAPS * t.lanes
+    return t
+
+
 cdef void direct_weight_unit(const floating* gy, const floating* x, const Conv* c, const Direct* d,
-                             const ptrdiff_t* taps, int unit, floating* partial, floating* band, floating* gy_block,
-                             floating* sums) noexcept nogil:
+                             const TapTiles* tt, const ptrdiff_t* taps, int unit, floating* partial, floating* band,
+                             floating* gy_block, floating* sums) noexcept nogil:
     """partial += the weight gradient of one unit (output rows [row, row + rows) of one image): its input
-    rows padded once per group, then a weight tile per (block of output channels, input channel, group of
-    WEIGHT_TAPS taps), its sums added in that order (grad_output through grad_block)."""
+    rows padded once per group, then for each block of output channels, a few rows of grad_output at a time
+    (through grad_block), a weight tile per (input channel, group of WEIGHT_TAPS taps) adding into its lane
+    sums; the lanes are added last, in order."""
     cdef int image = unit // d.bands, row = (unit % d.bands) * d.band_rows
     cdef int rows = min(d.band_rows, c.out_h - row)
-    cdef int g, block, channels, ch, k, group, j, t
+    cdef int g, block, channels, piece, first, count, ch, k, j, t, lane
     cdef Py_ssize_t stride
     cdef const floating* grads
+    cdef const floating* lanes
+    cdef floating* tile_sums
     cdef floating* dst
+    cdef floating total
     for g in range(c.groups):
         pad_band(x + (<Py_ssize_t>image * c.channels + g * c.group_in) * c.height * c.width, c, d, row, rows, band)
         for block in range(d.blocks):
             channels = min(d.channels, c.group_out - block * d.channels)
-            grads = grad_block(gy, c, image, g * c.group_out + block * d.channels, channels, d.channels, row, rows,
-                               gy_block, &stride)
+            memset(sums, 0, tt.sums * sizeof(floating))
+            for piece in range(ceil_div(rows, tt.rows)):
+                first = piece * tt.rows
+                count = min(tt.rows, rows - first)
+                grads = grad_block(gy, c, image, g * c.group_out + block * d.channels, channels, d.channels,
+                                   row + first, count, gy_block, &stride)
+                tile_sums = sums
+                for ch in range(c.group_in):
+                    for k in range(tt.tap_groups):
+                        if floating is float:
+                            d.tiles.weight_float(grads, stride, band + ch * d.channel_stride + first * d.row_width,
+                                                 d.row_width, taps + k * WEIGHT_TAPS, count, c.out_w, tile_sums)
+                        else:
+                            d.tiles.weight_double(grads, stride, band + ch * d.channel_stride + first * d.row_width,
+                                                  d.row_width, taps + k * WEIGHT_TAPS, count, c.out_w, tile_sums)
+                        tile_sums += d.channels * WEIGHT_TAPS * tt.lanes
             for ch in range(c.group_in):
-                for k in range(ceil_div(d.taps, WEIGHT_TAPS)):
-                    group = k * WEIGHT_TAPS
-                    if floating is float:
-                        d.tiles.weight_float(grads, stride, band + ch * d.channel_stride, d.row_width,
-                                            taps + group, rows, c.out_w, sums)
-                    else:
-                        d.tiles.weight_double(grads, stride, band + ch * d.channel_stride, d.row_width,
-                                             taps + group, rows, c.out_w, sums)
+                for k in range(tt.tap_groups):
                     for j in range(channels):
                         dst = partial + ((<Py_ssize_t>g * c.group_out + block * d.channels + j) * c.group_in + ch) * d.taps
-                        for t in range(min(WEIGHT_TAPS, d.taps - group)):
-                            dst[group + t] += sums[j * WEIGHT_TAPS + t]
+                        for t in range(min(WEIGHT_TAPS, d.taps - k * WEIGHT_TAPS)):
+                            lanes = sums + (((ch * tt.tap_groups + k) * d.channels + j) * WEIGHT_TAPS + t) * tt.lanes
+                            total = 0
+                            for lane in range(tt.lanes):
+                                total = total + lanes[lane]
+                            dst[k * WEIGHT_TAPS + t] += total
 
 
 cdef void direct_weight_partials(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1] x, const Conv* c,
                                  const Direct* d, floating[:, ::1] partials, int threads):
     """partials[k] = the weight gradient of the k-th fixed run of units, by the direct path."""
     cdef int chunks = partials.shape[0], units = c.batch * d.bands, chunk, unit
-    cdef ptrdiff_t[::1] taps = tap_offsets(c, d, ceil_div(d.taps, WEIGHT_TAPS) * WEIGHT_TAPS)
-    cdef Py_ssize_t block_size = <Py_ssize_t>d.channels * d.band_rows * c.out_w
-    cdef floating[:, ::1] workspace = np.zeros((threads, d.buffer + block_size + d.channels * WEIGHT_TAPS),
-                                               np.asarray(partials).dtype)
+    cdef TapTiles tt = tap_tiles(c, d, sizeof(floating))
+    cdef ptrdiff_t[::1] taps = tap_offsets(c, d, tt.tap_groups * WEIGHT_TAPS)
+    cdef Py_ssize_t block_size = <Py_ssize_t>d.channels * tt.rows * c.out_w
+    cdef floating[:, ::1] workspace = np.zeros((threads, d.buffer + block_size + tt.sums), np.asarray(partials).dtype)
     cdef floating* band
     for chunk in prange(chunks, nogil=True, schedule="dynamic", num_threads=threads):
         band = &workspace[omp_get_thread_num(), 0]
         memset(&partials[chunk, 0], 0, partials.shape[1] * sizeof(floating))
         for unit in range(chunk * units // chunks, (chunk + 1) * units // chunks):
-            direct_weight_unit(&gy[0, 0, 0, 0], &x[0, 0, 0, 0], c, d, &taps[0], unit, &partials[chunk, 0], band,
-                               band + d.buffer, band + d.buffer + block_size)
+            direct_weight_unit(&gy[0, 0, 0, 0], &x[0, 0, 0, 0], c, d, &tt, &taps[0], unit, &partials[chunk, 0],
+                               band, band + d.buffer, band + d.buffer + block_size)
 
 
 cdef void channels_last_weight_unit(const floating* gy, const floating* x, const Conv* c, const Direct* d,
@@ -774,15 +808,18 @@ cdef enum:
     BY_TAPS, BY_INPUT_CHANNELS, BY_OUTPUT_CHANNELS  # the weight gradient's paths (weight_path)
 
 
-cdef int weight_path(const Conv* c, const ChannelsLast* cl, const ChannelsLast* narrow):
+cdef int weight_path(const Conv* c, const Direct* d, const ChannelsLast* cl, const ChannelsLast* narrow,
+                     Py_ssize_t itemsize):
     """What the weight gradient's vectors run over: input channels (channels_last_weight_unit) for groups of a
     vector of them or more; output channels (output_vector_weight_unit) where its blocks of mr terms of a kernel
     row (columns x input channels) x vectors of output channels are at least 3/4 full (no dilation across:
-    those terms are consecutive in the band); else output columns, in the tiles of taps (direct_weight_unit)."""
+    those terms are consecutive in the band) and a unit's grad_output, transposed, stays in a core's L2 cache
+    (BAND_BYTES); else output columns, in the tiles of taps (direct_weight_unit)."""
     if c.group_in >= cl.lanes:
         return BY_INPUT_CHANNELS
     cdef double full = <double>c.kernel_w * narrow.in_pad / narrow.term_rows * c.group_out / narrow.out_lanes
-    return BY_OUTPUT_CHANNELS if c.dilation_w == 1 and full >= 0.75 else BY_TAPS
+    cdef Py_ssize_t transposed = <Py_ssize_t>d.band_rows * c.out_w * narrow.out_lanes * itemsize
+    return BY_OUTPUT_CHANNELS if c.dilation_w == 1 and full >= 0.75 and transposed <= BAND_BYTES else BY_TAPS
 
 
 def weight_vectors(p, Py_ssize_t itemsize):
@@ -794,7 +831,7 @@ def weight_vectors(p, Py_ssize_t itemsize):
         raise ValueError(f"the direct path does not serve {p}")
     cdef ChannelsLast cl = channels_last_plan(&c, &d, itemsize, True)
     cdef ChannelsLast narrow = channels_last_plan(&c, &d, itemsize, False)
-    return ("columns", "input channels", "output channels")[weight_path(&c, &cl, &narrow)]
+    return ("columns", "input channels", "output channels")[weight_path(&c, &d, &cl, &narrow, itemsize)]
 
 
 cdef void output_vector_weight_unit(const floating* gy, const floating* x, const Conv* c, const Direct* d,
@@ -895,7 +932,7 @@ def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1
                                                <Py_ssize_t>c.out_channels * c.k), np.asarray(gw).dtype)
     cdef ChannelsLast cl = channels_last_plan(&c, &d, sizeof(floating), True)
     cdef ChannelsLast narrow = channels_last_plan(&c, &d, sizeof(floating), False)
-    cdef int path = weight_path(&c, &cl, &narrow)
+    cdef int path = weight_path(&c, &d, &cl, &narrow, sizeof(floating))
     if path == BY_INPUT_CHANNELS:
         channels_last_weight_partials(gy, x, &c, &d, &cl, False, partials, threads)
     elif path == BY_OUTPUT_CHANNELS:

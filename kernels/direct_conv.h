@@ -39,19 +39,6 @@ __attribute__((target("avx2,fma"))) static inline __m256d load_first_double_avx2
     return _mm256_maskload_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3)));
 }
 
-__attribute__((target("avx2,fma"))) static inline float sum_float_avx2(__m256 v)
-{
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-__attribute__((target("avx2,fma"))) static inline double sum_double_avx2(__m256d v)
-{
-    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
-    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
-}
-
 /* dst[j] = src[2 * j] for j < n: a stride-2 phase of an input row. Only src[0 .. 2n - 2] is read (what lies
  * past it may lie past the row, and past the array): the last vectors are masked loads and stores. */
 __attribute__((target("avx512f"))) static inline __mmask16 first_lanes16(int n)
@@ -105,7 +92,6 @@ __attribute__((target("avx2,fma"))) static void evens_double_avx2(double *dst, c
 #define TILE_NAME tile_float_avx512
 #define TILE_WEIGHT_NAME weight_float_avx512
 #define TILE_LOAD_FIRST(p, n) _mm512_maskz_loadu_ps((__mmask16)((1u << (n)) - 1), (p))
-#define TILE_SUM _mm512_reduce_add_ps
 #define TILE_T float
 #define TILE_VEC __m512
 #define TILE_LANES 16
@@ -122,7 +108,6 @@ __attribute__((target("avx2,fma"))) static void evens_double_avx2(double *dst, c
 #define TILE_NAME tile_double_avx512
 #define TILE_WEIGHT_NAME weight_double_avx512
 #define TILE_LOAD_FIRST(p, n) _mm512_maskz_loadu_pd((__mmask8)((1u << (n)) - 1), (p))
-#define TILE_SUM _mm512_reduce_add_pd
 #define TILE_T double
 #define TILE_VEC __m512d
 #define TILE_LANES 8
@@ -139,7 +124,6 @@ __attribute__((target("avx2,fma"))) static void evens_double_avx2(double *dst, c
 #define TILE_NAME tile_float_avx2
 #define TILE_WEIGHT_NAME weight_float_avx2
 #define TILE_LOAD_FIRST(p, n) load_first_float_avx2((p), (n))
-#define TILE_SUM sum_float_avx2
 #define TILE_T float
 #define TILE_VEC __m256
 #define TILE_LANES 8
@@ -156,7 +140,6 @@ __attribute__((target("avx2,fma"))) static void evens_double_avx2(double *dst, c
 #define TILE_NAME tile_double_avx2
 #define TILE_WEIGHT_NAME weight_double_avx2
 #define TILE_LOAD_FIRST(p, n) load_first_double_avx2((p), (n))
-#define TILE_SUM sum_double_avx2
 #define TILE_T double
 #define TILE_VEC __m256d
 #define TILE_LANES 4

@@ -1,8 +1,8 @@
 /* The register tiles of the direct convolution, included by direct_conv.h once per (type, ISA) with TILE_NAME,
  * TILE_WEIGHT_NAME, TILE_T (float or double), TILE_VEC, TILE_LANES, TILE_CHANNELS, TILE_VECTORS, TILE_TARGET and
  * the intrinsics TILE_LOAD (unaligned), TILE_LOAD_FIRST (the first n < TILE_LANES lanes, zeros elsewhere, no
- * memory touched beyond them), TILE_STORE (unaligned), TILE_BROADCAST, TILE_FMA (a * b + c), TILE_ZERO and
- * TILE_SUM (of the lanes, in a fixed order) defined.
+ * memory touched beyond them), TILE_STORE (unaligned), TILE_BROADCAST, TILE_FMA (a * b + c) and TILE_ZERO
+ * defined.
  *
  * The forward tile, TILE_NAME:
  * out[c][j] = sum over channels ch, then taps t, of w[(ch * n_taps + t) * TILE_CHANNELS + c]
@@ -34,34 +34,53 @@ static void TILE_NAME(const TILE_T *x, ptrdiff_t channel_stride, int channels, c
 }
 
 /* The weight-gradient tile, TILE_WEIGHT_NAME:
- * out[c * WEIGHT_TAPS + t] = sum over rows r < rows and columns j < width of
- *                            gy[c * gy_channel_stride + r * width + j] * band[taps[t] + r * band_row + j]
+ * sums[(c * WEIGHT_TAPS + t) * TILE_LANES + l] += sum over rows r < rows and columns j < width, j = l mod
+ *                                               TILE_LANES, of gy[c * gy_channel_stride + r * width + j]
+ *                                               * band[taps[t] + r * band_row + j]
  * for the TILE_CHANNELS output channels c and WEIGHT_TAPS taps t: each lane sums its own columns in row order,
- * then the lanes are summed. Only real output columns are read (a masked load finishes a row), so an inf
- * in the padded input never meets a zero that PyTorch would not multiply it by. */
+ * on top of what `sums` holds (the caller adds the lanes once it has summed all of its rows). Only real output
+ * columns are read (a masked load finishes a row), so an inf in the padded input never meets a zero that
+ * PyTorch would not multiply it by. */
+/* One vector of columns [j, j + lanes) of the weight-gradient tile (lanes < TILE_LANES: the row's last). */
+__attribute__((target(TILE_TARGET), always_inline))
+static inline void TILE_PASTE(TILE_WEIGHT_NAME, _step)(TILE_VEC acc[TILE_CHANNELS][WEIGHT_TAPS],
+                                                       const TILE_T *const *grads, const TILE_T *const *inputs, int j,
+                                                       int lanes)
+{
+    TILE_VEC in[WEIGHT_TAPS];
+    _Pragma("GCC unroll 4") for (int t = 0; t < WEIGHT_TAPS; t++)
+        in[t] = lanes == TILE_LANES ? TILE_LOAD(inputs[t] + j) : TILE_LOAD_FIRST(inputs[t] + j, lanes);
+    _Pragma("GCC unroll 8") for (int c = 0; c < TILE_CHANNELS; c++) {
+        TILE_VEC grad = lanes == TILE_LANES ? TILE_LOAD(grads[c] + j) : TILE_LOAD_FIRST(grads[c] + j, lanes);
+        __asm__("" : "+v"(grad));  /* one load for its WEIGHT_TAPS products, not one folded into each */
+        _Pragma("GCC unroll 4") for (int t = 0; t < WEIGHT_TAPS; t++) acc[c][t] = TILE_FMA(grad, in[t], acc[c][t]);
+    }
+}
+
 __attribute__((target(TILE_TARGET)))
 static void TILE_WEIGHT_NAME(const TILE_T *gy, ptrdiff_t gy_channel_stride, const TILE_T *band, ptrdiff_t band_row,
-                             const ptrdiff_t *taps, int rows, int width, TILE_T *out)
+                             const ptrdiff_t *taps, int rows, int width, TILE_T *sums)
 {
     TILE_VEC acc[TILE_CHANNELS][WEIGHT_TAPS];
-    _Pragma("GCC unroll 8") for (int c = 0; c < TILE_CHANNELS; c++)
-        _Pragma("GCC unroll 4") for (int t = 0; t < WEIGHT_TAPS; t++) acc[c][t] = TILE_ZERO();
-    for (int r = 0; r < rows; r++, gy += width, band += band_row) {
-        for (int j = 0; j < width; j += TILE_LANES) {
-            int lanes = width - j;
-            TILE_VEC in[WEIGHT_TAPS];
-            _Pragma("GCC unroll 4") for (int t = 0; t < WEIGHT_TAPS; t++)
-                in[t] = lanes >= TILE_LANES ? TILE_LOAD(band + taps[t] + j) : TILE_LOAD_FIRST(band + taps[t] + j, lanes);
-            _Pragma("GCC unroll 8") for (int c = 0; c < TILE_CHANNELS; c++) {
-                const TILE_T *g = gy + c * gy_channel_stride + j;
-                TILE_VEC grad = lanes >= TILE_LANES ? TILE_LOAD(g) : TILE_LOAD_FIRST(g, lanes);
-                _Pragma("GCC unroll 4") for (int t = 0; t < WEIGHT_TAPS; t++)
-                    acc[c][t] = TILE_FMA(grad, in[t], acc[c][t]);
-            }
-        }
+    const TILE_T *grads[TILE_CHANNELS], *inputs[WEIGHT_TAPS];
+    const int full = width - width % TILE_LANES;
+    _Pragma("GCC unroll 8") for (int c = 0; c < TILE_CHANNELS; c++) {
+        grads[c] = gy + c * gy_channel_stride;
+        _Pragma("GCC unroll 4") for (int t = 0; t < WEIGHT_TAPS; t++)
+            acc[c][t] = TILE_LOAD(sums + (c * WEIGHT_TAPS + t) * TILE_LANES);
+    }
+    _Pragma("GCC unroll 4") for (int t = 0; t < WEIGHT_TAPS; t++) inputs[t] = band + taps[t];
+    for (int r = 0; r < rows; r++) {
+        for (int j = 0; j < full; j += TILE_LANES)
+            TILE_PASTE(TILE_WEIGHT_NAME, _step)(acc, grads, inputs, j, TILE_LANES);
+        if (full < width)
+            TILE_PASTE(TILE_WEIGHT_NAME, _step)(acc, grads, inputs, full, width - full);
+        _Pragma("GCC unroll 8") for (int c = 0; c < TILE_CHANNELS; c++) grads[c] += width;
+        _Pragma("GCC unroll 4") for (int t = 0; t < WEIGHT_TAPS; t++) inputs[t] += band_row;
     }
     _Pragma("GCC unroll 8") for (int c = 0; c < TILE_CHANNELS; c++)
-        _Pragma("GCC unroll 4") for (int t = 0; t < WEIGHT_TAPS; t++) out[c * WEIGHT_TAPS + t] = TILE_SUM(acc[c][t]);
+        _Pragma("GCC unroll 4") for (int t = 0; t < WEIGHT_TAPS; t++)
+            TILE_STORE(sums + (c * WEIGHT_TAPS + t) * TILE_LANES, acc[c][t]);
 }
 
 /* The tile's shape, for direct_select: output channels and output positions. */
@@ -71,7 +90,6 @@ static const int TILE_PASTE(TILE_NAME, _width) = TILE_VECTORS * TILE_LANES;
 #undef TILE_NAME
 #undef TILE_WEIGHT_NAME
 #undef TILE_LOAD_FIRST
-#undef TILE_SUM
 #undef TILE_T
 #undef TILE_VEC
 #undef TILE_LANES

@@ -234,16 +234,32 @@ OUTPUT_VECTOR_WEIGHT_CASES = [
 ]
 
 
+# Weight gradients whose vectors run over output columns, in tiles of taps: rows in several pieces of a tile
+# call with a shorter last one, rows ending in a partial vector, a last block of fewer output channels, taps
+# past a group of three, strides, dilation across, groups; and a wide 7x7 layer whose blocks over output
+# channels would be full but whose grad_output, transposed, would not stay in L2.
+COLUMN_WEIGHT_CASES = [
+    dict(x_shape=(2, 1, 150, 123), w_shape=(11, 1, 3, 5), stride=1, padding=(1, 0), dilation=1, groups=1,
+         bias=False),
+    dict(x_shape=(3, 4, 21, 37), w_shape=(10, 2, 4, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2,
+         bias=False),
+    dict(x_shape=(2, 6, 19, 50), w_shape=(15, 2, 3, 3), stride=1, padding=0, dilation=1, groups=3, bias=False),
+    dict(x_shape=(8, 3, 66, 64), w_shape=(64, 3, 7, 7), stride=1, padding=3, dilation=1, groups=1, bias=False),
+]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_weight_gradient_by_output_channels_against_oracle(vector_isa, dtype):
+@pytest.mark.parametrize("vectors, cases", [("output channels", OUTPUT_VECTOR_WEIGHT_CASES),
+                                            ("columns", COLUMN_WEIGHT_CASES)])
+def test_weight_gradient_paths_against_oracle(vector_isa, dtype, vectors, cases):
     conv = _cython()._conv_direct
-    for case in OUTPUT_VECTOR_WEIGHT_CASES:
+    for case in cases:
         p = case_params(case)
         if vector_isa == "none":
             with pytest.raises(ValueError, match="does not serve"):
                 conv.weight_vectors(p, np.dtype(dtype).itemsize)
             continue
-        assert conv.weight_vectors(p, np.dtype(dtype).itemsize) == "output channels", case
+        assert conv.weight_vectors(p, np.dtype(dtype).itemsize) == vectors, case
         x, w, _, gy = conv_arrays(case, np.float64, seed=13)
         kw = conv_kwargs(case)
         ref = fastconv.conv2d_backward(gy, x, w, **kw, output_mask=(False, True, False), backend="naive")[1]
