@@ -3,7 +3,8 @@
 one GEMM per group. A block is a few whole images, or a band of output rows of one image (so a small batch
 still feeds every core). Blocks run in parallel under OpenMP, each running a single-threaded GEMM: the
 project's own (blocked_gemm.h, on the AVX-512 or AVX2 micro-kernels chosen at run time) or, on a CPU with
-neither, BLAS's (scipy.linalg.cython_blas). The blocks depend on the shape only, never on the
+neither, BLAS's (scipy.linalg.cython_blas); col2im adds whole runs of rows at a time (col_rows.h, vectorized
+for the CPU it runs on). The blocks depend on the shape only, never on the
 thread count, and the weight gradient adds WEIGHT_PARTIALS fixed partials in a fixed order: results are
 bitwise identical whatever the number of threads.
 """
@@ -37,6 +38,12 @@ cdef extern from "blocked_gemm.h" nogil:
     void blocked_gemm_double(const micro_kernels*, int, int, int, const double*, ptrdiff_t, ptrdiff_t,
                              const double*, ptrdiff_t, ptrdiff_t, int, double*, ptrdiff_t, double*)
     int GEMM_WORK
+
+cdef extern from "col_rows.h" nogil:
+    void add_rows_float(float* dst, ptrdiff_t dst_row, ptrdiff_t dst_step, const float* src, ptrdiff_t src_row,
+                        int rows, int n)
+    void add_rows_double(double* dst, ptrdiff_t dst_row, ptrdiff_t dst_step, const double* src,
+                         ptrdiff_t src_row, int rows, int n)
 
 OPENMP = bool(FASTCONV_OPENMP)  # built with OpenMP; without it prange runs serially
 
@@ -203,22 +210,30 @@ cdef void col2im(const floating* col, const Conv* c, Block b, int first, int las
     Each gx element adds its terms in the fixed order (kh, kw, r)."""
     cdef Py_ssize_t columns = <Py_ssize_t>b.images * b.rows * c.out_w
     cdef Py_ssize_t plane = <Py_ssize_t>c.height * c.width
-    cdef int ch, kh, kw, i, r, ih, ow, offset, low, high
+    cdef int ch, kh, kw, i, top, low_row, high_row, offset, low, high
     cdef const floating* src
     cdef floating* dst
     for ch in range(c.group_in):
         for kh in range(c.kernel_h):
+            top = b.row * c.stride_h - c.pad_top + kh * c.dilation_h  # the input row of the block's first row
+            # the block's rows whose input row lies in [first, last)
+            low_row = clamp(ceil_div(first - top, c.stride_h), 0, b.rows)
+            high_row = clamp(ceil_div(last - top, c.stride_h), low_row, b.rows)
             for kw in range(c.kernel_w):
                 valid_columns(c, kw, &offset, &low, &high)
-                src = col + ((ch * c.kernel_h + kh) * c.kernel_w + kw) * columns
+                if low_row == high_row or low == high:
+                    continue
+                src = col + ((ch * c.kernel_h + kh) * c.kernel_w + kw) * columns + low_row * c.out_w + low
                 for i in range(b.images):
-                    for r in range(b.rows):
-                        ih = (b.row + r) * c.stride_h - c.pad_top + kh * c.dilation_h
-                        if first <= ih < last:
-                            dst = gx + (i * c.channels + ch) * plane + ih * c.width + offset
-                            for ow in range(low, high):
-                                dst[ow * c.stride_w] += src[ow]
-                        src += c.out_w
+                    dst = (gx + (i * c.channels + ch) * plane + <Py_ssize_t>(top + low_row * c.stride_h) * c.width
+                           + offset + low * c.stride_w)
+                    if floating is float:
+                        add_rows_float(dst, <ptrdiff_t>c.stride_h * c.width, c.stride_w, src, c.out_w,
+                                       high_row - low_row, high - low)
+                    else:
+                        add_rows_double(dst, <ptrdiff_t>c.stride_h * c.width, c.stride_w, src, c.out_w,
+                                        high_row - low_row, high - low)
+                    src += <Py_ssize_t>b.rows * c.out_w
 
 
 cdef inline Py_ssize_t output_offset(const Conv* c, Block b, int g) noexcept nogil:
