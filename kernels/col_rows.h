@@ -11,17 +11,22 @@
 #define COL_ROWS_CLONES
 #endif
 
-/* dst[r * dst_row + j * dst_step] += src[r * src_row + j] for r < rows, j < n (contiguous where dst_step is 1). */
+/* dst[i * dst_plane + r * dst_row + j * dst_step] += src[i * src_plane + r * src_row + j] for i < planes,
+ * r < rows, j < n (contiguous where dst_step is 1). */
 #define COL_ROWS_ADD(NAME, T)                                                                                   \
-    COL_ROWS_CLONES static void NAME(T *dst, ptrdiff_t dst_row, ptrdiff_t dst_step, const T *src,              \
-                                     ptrdiff_t src_row, int rows, int n)                                      \
+    COL_ROWS_CLONES static void NAME(T *dst, ptrdiff_t dst_plane, ptrdiff_t dst_row, ptrdiff_t dst_step,       \
+                                     const T *src, ptrdiff_t src_plane, ptrdiff_t src_row, int planes, int rows, \
+                                     int n)                                                                    \
     {                                                                                                          \
-        for (int r = 0; r < rows; r++, dst += dst_row, src += src_row) {                                       \
-            if (dst_step == 1)                                                                                 \
-                for (int j = 0; j < n; j++) dst[j] += src[j];                                                  \
-            else                                                                                               \
-                for (int j = 0; j < n; j++) dst[j * dst_step] += src[j];                                       \
-        }                                                                                                      \
+        for (int i = 0; i < planes; i++)                                                                       \
+            for (int r = 0; r < rows; r++) {                                                                   \
+                T *d = dst + i * dst_plane + r * dst_row;                                                      \
+                const T *s = src + i * src_plane + r * src_row;                                                \
+                if (dst_step == 1)                                                                             \
+                    for (int j = 0; j < n; j++) d[j] += s[j];                                                  \
+                else                                                                                           \
+                    for (int j = 0; j < n; j++) d[j * dst_step] += s[j];                                       \
+            }                                                                                                  \
     }
 
 COL_ROWS_ADD(add_rows_float, float)

@@ -40,10 +40,10 @@ cdef extern from "blocked_gemm.h" nogil:
     int GEMM_WORK
 
 cdef extern from "col_rows.h" nogil:
-    void add_rows_float(float* dst, ptrdiff_t dst_row, ptrdiff_t dst_step, const float* src, ptrdiff_t src_row,
-                        int rows, int n)
-    void add_rows_double(double* dst, ptrdiff_t dst_row, ptrdiff_t dst_step, const double* src,
-                         ptrdiff_t src_row, int rows, int n)
+    void add_rows_float(float* dst, ptrdiff_t dst_plane, ptrdiff_t dst_row, ptrdiff_t dst_step, const float* src,
+                        ptrdiff_t src_plane, ptrdiff_t src_row, int planes, int rows, int n)
+    void add_rows_double(double* dst, ptrdiff_t dst_plane, ptrdiff_t dst_row, ptrdiff_t dst_step,
+                         const double* src, ptrdiff_t src_plane, ptrdiff_t src_row, int planes, int rows, int n)
 
 OPENMP = bool(FASTCONV_OPENMP)  # built with OpenMP; without it prange runs serially
 
@@ -210,7 +210,7 @@ cdef void col2im(const floating* col, const Conv* c, Block b, int first, int las
     Each gx element adds its terms in the fixed order (kh, kw, r)."""
     cdef Py_ssize_t columns = <Py_ssize_t>b.images * b.rows * c.out_w
     cdef Py_ssize_t plane = <Py_ssize_t>c.height * c.width
-    cdef int ch, kh, kw, i, top, low_row, high_row, offset, low, high
+    cdef int ch, kh, kw, top, low_row, high_row, offset, low, high
     cdef const floating* src
     cdef floating* dst
     for ch in range(c.group_in):
@@ -224,16 +224,14 @@ cdef void col2im(const floating* col, const Conv* c, Block b, int first, int las
                 if low_row == high_row or low == high:
                     continue
                 src = col + ((ch * c.kernel_h + kh) * c.kernel_w + kw) * columns + low_row * c.out_w + low
-                for i in range(b.images):
-                    dst = (gx + (i * c.channels + ch) * plane + <Py_ssize_t>(top + low_row * c.stride_h) * c.width
-                           + offset + low * c.stride_w)
-                    if floating is float:
-                        add_rows_float(dst, <ptrdiff_t>c.stride_h * c.width, c.stride_w, src, c.out_w,
-                                       high_row - low_row, high - low)
-                    else:
-                        add_rows_double(dst, <ptrdiff_t>c.stride_h * c.width, c.stride_w, src, c.out_w,
-                                        high_row - low_row, high - low)
-                    src += <Py_ssize_t>b.rows * c.out_w
+                dst = (gx + ch * plane + <Py_ssize_t>(top + low_row * c.stride_h) * c.width + offset
+                       + low * c.stride_w)
+                if floating is float:
+                    add_rows_float(dst, c.channels * plane, <ptrdiff_t>c.stride_h * c.width, c.stride_w, src,
+                                   <ptrdiff_t>b.rows * c.out_w, c.out_w, b.images, high_row - low_row, high - low)
+                else:
+                    add_rows_double(dst, c.channels * plane, <ptrdiff_t>c.stride_h * c.width, c.stride_w, src,
+                                    <ptrdiff_t>b.rows * c.out_w, c.out_w, b.images, high_row - low_row, high - low)
 
 
 cdef inline Py_ssize_t output_offset(const Conv* c, Block b, int g) noexcept nogil:
@@ -306,11 +304,10 @@ cdef void forward_block(const micro_kernels* kernels, const floating* x, const f
 
 
 cdef void backward_input_block(const micro_kernels* kernels, const floating* gy, const floating* w, const Conv* c,
-                               const Plan* plan, int t, floating* gx, floating* col, floating* rows,
-                               floating* work) noexcept nogil:
-    cdef int first, last, g, ld, i
+                               const Plan* plan, int t, floating* gx, floating* col, floating* work) noexcept nogil:
+    cdef int first, last, g, i
     cdef Block b = input_band(c, plan, t, &first, &last)
-    cdef int columns = b.images * b.rows * c.out_w
+    cdef int image_columns = b.rows * c.out_w, columns = b.images * image_columns
     cdef Py_ssize_t plane = <Py_ssize_t>c.height * c.width
     cdef const floating* gy_rows
     cdef floating* gx_image = gx + <Py_ssize_t>b.image * c.channels * plane
@@ -320,13 +317,17 @@ cdef void backward_input_block(const micro_kernels* kernels, const floating* gy,
         if columns == 0:  # these input rows only meet padding... of no output: their gradient is zero
             return
     for g in range(c.groups):
-        gy_rows = output_rows(gy, c, b, g, rows, &ld)
-        if c.pointwise:
-            matmul(kernels, True, False, c.k, columns, c.group_out, w + <Py_ssize_t>g * c.group_out * c.k, c.k,
-                   gy_rows, ld, False, <floating*>group_input(gx, c, b, g) + b.row * c.width, <int>plane, work)
-        else:
-            matmul(kernels, True, False, c.k, columns, c.group_out, w + <Py_ssize_t>g * c.group_out * c.k, c.k,
-                   gy_rows, ld, False, col, columns, work)
+        for i in range(b.images):  # each image's grad_output rows in place (a pointwise block is one image)
+            gy_rows = gy + output_offset(c, b, g) + <Py_ssize_t>i * c.out_channels * c.out_h * c.out_w
+            if c.pointwise:
+                matmul(kernels, True, False, c.k, columns, c.group_out, w + <Py_ssize_t>g * c.group_out * c.k,
+                       c.k, gy_rows, c.out_h * c.out_w, False,
+                       <floating*>group_input(gx, c, b, g) + b.row * c.width, <int>plane, work)
+            else:
+                matmul(kernels, True, False, c.k, image_columns, c.group_out,
+                       w + <Py_ssize_t>g * c.group_out * c.k, c.k, gy_rows, c.out_h * c.out_w, False,
+                       col + i * image_columns, columns, work)
+        if not c.pointwise:
             col2im(col, c, b, first, last, <floating*>group_input(gx, c, b, g))
 
 
@@ -360,9 +361,10 @@ cdef inline const micro_kernels* gemm_kernels(micro_kernels* copy):
     return NULL if strcmp(copy.name, b"none") == 0 else copy
 
 
-cdef inline Py_ssize_t workspace_size(const Conv* c, const Plan* plan):
-    """Elements of one thread's workspace: its column matrix, its gathered output rows, the GEMM's panels."""
-    return (c.k + c.group_out) * <Py_ssize_t>plan.columns + GEMM_WORK
+cdef inline Py_ssize_t workspace_size(const Conv* c, const Plan* plan, bint output_rows):
+    """Elements of one thread's workspace: its column matrix, its output-shaped rows (a block's output, or its
+    gathered grad_output) where `output_rows`, the GEMM's panels."""
+    return (c.k + (c.group_out if output_rows else 0)) * <Py_ssize_t>plan.columns + GEMM_WORK
 
 
 def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, const floating[::1] bias,
@@ -373,7 +375,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, cons
     cdef Plan plan = make_plan(&c, sizeof(floating))
     cdef micro_kernels chosen
     cdef const micro_kernels* kernels = gemm_kernels(&chosen)
-    cdef floating[:, ::1] workspace = np.empty((threads, workspace_size(&c, &plan)), np.asarray(y).dtype)
+    cdef floating[:, ::1] workspace = np.empty((threads, workspace_size(&c, &plan, True)), np.asarray(y).dtype)
     cdef floating* col
     cdef int t
     for t in prange(plan.blocks, nogil=True, schedule="dynamic", num_threads=threads):
@@ -394,13 +396,12 @@ def backward_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1]
     cdef int first, last, t
     for t in range(plan.blocks):  # an input band's output rows reach beyond its own band (the kernel's halo)
         plan.columns = max(plan.columns, input_band(&c, &plan, t, &first, &last).rows * c.out_w * plan.images)
-    cdef floating[:, ::1] workspace = np.empty((threads, workspace_size(&c, &plan)), np.asarray(gx).dtype)
+    cdef floating[:, ::1] workspace = np.empty((threads, workspace_size(&c, &plan, False)), np.asarray(gx).dtype)
     cdef floating* col
     for t in prange(plan.blocks, nogil=True, schedule="dynamic", num_threads=threads):
         col = &workspace[omp_get_thread_num(), 0]
         backward_input_block(kernels, &gy[0, 0, 0, 0], &w[0, 0, 0, 0], &c, &plan, t, &gx[0, 0, 0, 0],
-                             col, col + <Py_ssize_t>c.k * plan.columns,
-                             col + (c.k + c.group_out) * <Py_ssize_t>plan.columns)
+                             col, col + <Py_ssize_t>c.k * plan.columns)
 
 
 
@@ -415,7 +416,7 @@ def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1
     cdef int chunks = min(plan.blocks, WEIGHT_PARTIALS), chunk
     dtype = np.asarray(gw).dtype
     cdef floating[:, ::1] partials = np.empty((chunks, <Py_ssize_t>c.out_channels * c.k), dtype)
-    cdef floating[:, ::1] workspace = np.empty((threads, workspace_size(&c, &plan)), dtype)
+    cdef floating[:, ::1] workspace = np.empty((threads, workspace_size(&c, &plan, True)), dtype)
     cdef floating* col
     for chunk in prange(chunks, nogil=True, schedule="dynamic", num_threads=threads):
         col = &workspace[omp_get_thread_num(), 0]
