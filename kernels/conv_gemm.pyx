@@ -207,20 +207,20 @@ cdef void im2col(const floating* x, const Conv* c, Block b, floating* col) noexc
 
 cdef void col2im(const floating* col, const Conv* c, Block b, int first, int last, floating* gx) noexcept nogil:
     """The adjoint of im2col, restricted to input rows [first, last): gx += the taps of col that land there.
-    Each gx element adds its terms in the fixed order (kh, kw, r)."""
+    Each gx element adds its terms in the fixed order (kw, kh, r)."""
     cdef Py_ssize_t columns = <Py_ssize_t>b.images * b.rows * c.out_w
     cdef Py_ssize_t plane = <Py_ssize_t>c.height * c.width
     cdef int ch, kh, kw, top, low_row, high_row, offset, low, high
     cdef const floating* src
     cdef floating* dst
     for ch in range(c.group_in):
-        for kh in range(c.kernel_h):
-            top = b.row * c.stride_h - c.pad_top + kh * c.dilation_h  # the input row of the block's first row
-            # the block's rows whose input row lies in [first, last)
-            low_row = clamp(ceil_div(first - top, c.stride_h), 0, b.rows)
-            high_row = clamp(ceil_div(last - top, c.stride_h), low_row, b.rows)
-            for kw in range(c.kernel_w):
-                valid_columns(c, kw, &offset, &low, &high)
+        for kw in range(c.kernel_w):
+            valid_columns(c, kw, &offset, &low, &high)
+            for kh in range(c.kernel_h):
+                top = b.row * c.stride_h - c.pad_top + kh * c.dilation_h  # the input row of the block's first row
+                # the block's rows whose input row lies in [first, last)
+                low_row = clamp(ceil_div(first - top, c.stride_h), 0, b.rows)
+                high_row = clamp(ceil_div(last - top, c.stride_h), low_row, b.rows)
                 if low_row == high_row or low == high:
                     continue
                 src = col + ((ch * c.kernel_h + kh) * c.kernel_w + kw) * columns + low_row * c.out_w + low
