@@ -17,6 +17,7 @@
 #define GEMM_KC 256
 #define GEMM_NC 480  /* a multiple of every full micro-kernel width (48, 24, 12) */
 #define GEMM_MAX_MR 8
+#define GEMM_IN_PLACE_ROWS 128  /* the most rows of A for which B's panels are read in place (see _blocks) */
 #define GEMM_MAX_TILE (GEMM_MAX_MR * 48)
 #define GEMM_WORK (GEMM_KC * GEMM_NC + GEMM_MAX_MR * GEMM_KC + GEMM_MAX_TILE)
 

@@ -40,6 +40,9 @@ static void MICRO_PASTE(BG_NAME, _blocks)(const micro_kernels *k, int m, int n, 
                                           ptrdiff_t c_col, BG_T *work)
 {
     const int mr = k->mr, lanes = k->BG_LANES, nr = MICRO_NV * lanes;
+    /* B's full panels are read where they lie when its rows are contiguous and few panels of A meet each one:
+     * packing would cost more than the products it serves. */
+    const int b_in_place = b_col == 1 && m <= GEMM_IN_PLACE_ROWS;
     BG_T *packed_b = work, *packed_a = work + GEMM_KC * GEMM_NC, *tile = packed_a + GEMM_MAX_MR * GEMM_KC;
     if (depth == 0 && !accumulate)
         for (int i = 0; i < m; i++)
@@ -48,7 +51,9 @@ static void MICRO_PASTE(BG_NAME, _blocks)(const micro_kernels *k, int m, int n, 
         int nc = n - jc < GEMM_NC ? n - jc : GEMM_NC;
         for (int pc = 0; pc < depth; pc += GEMM_KC) {
             int kc = depth - pc < GEMM_KC ? depth - pc : GEMM_KC, add = accumulate || pc > 0;
-            MICRO_PASTE(BG_NAME, _pack_b)(b + pc * b_row + jc * b_col, b_row, b_col, kc, nc, nr, packed_b);
+            int packed_from = b_in_place ? nc - nc % nr : 0;  /* the columns packed: all, or a last partial panel */
+            MICRO_PASTE(BG_NAME, _pack_b)(b + pc * b_row + (jc + packed_from) * b_col, b_row, b_col, kc,
+                                          nc - packed_from, nr, packed_b);
             for (int ir = 0; ir < m; ir += mr) {
                 /* A is read in place by the micro-kernel's broadcasts (packing it costs as much as the products
                  * when B is a few panels wide); only a last panel of fewer rows is packed, zero-padded. */
@@ -63,14 +68,16 @@ static void MICRO_PASTE(BG_NAME, _blocks)(const micro_kernels *k, int m, int n, 
                 }
                 for (int jr = 0; jr < nc; jr += nr) {
                     int cols = nc - jr < nr ? nc - jr : nr, vectors = (cols + lanes - 1) / lanes;
-                    const BG_T *panel_b = packed_b + (ptrdiff_t)(jr / nr) * kc * nr;
+                    const BG_T *panel_b = jr < packed_from ? b + pc * b_row + jc + jr
+                                                           : packed_b + (ptrdiff_t)((jr - packed_from) / nr) * kc * nr;
+                    ptrdiff_t b_step = jr < packed_from ? b_row : nr;
                     BG_T *block = c + ir * c_row + (jc + jr) * c_col;
                     if (rows == mr && cols == vectors * lanes && c_col == 1) {
-                        k->BG_KERNELS[vectors](1, kc, panel_a, panel_row, panel_step, 0, panel_b, nr, 0, block,
+                        k->BG_KERNELS[vectors](1, kc, panel_a, panel_row, panel_step, 0, panel_b, b_step, 0, block,
                                                c_row, add);
                         continue;
                     }
-                    k->BG_KERNELS[vectors](1, kc, panel_a, panel_row, panel_step, 0, panel_b, nr, 0, tile, nr, 0);
+                    k->BG_KERNELS[vectors](1, kc, panel_a, panel_row, panel_step, 0, panel_b, b_step, 0, tile, nr, 0);
                     for (int i = 0; i < rows; i++)
                         for (int j = 0; j < cols; j++) {
                             BG_T *dst = block + i * c_row + j * c_col;
