@@ -70,3 +70,19 @@ cdef inline void sum_partials(const floating[:, ::1] partials, floating[::1] tot
         for later in range(1, partials.shape[0]):
             for e in range(start, end):
                 total[e] = total[e] + partials[later, e]
+
+
+cdef enum:
+    ALIGNMENT = 64  # bytes: a cache line, and an AVX-512 vector
+
+
+cdef inline object aligned_rows(Py_ssize_t rows, Py_ssize_t length, dtype, bint zeroed):
+    """A C-contiguous (rows, length or a little more) array whose rows each start on an ALIGNMENT boundary
+    (NumPy aligns its buffers to 16 bytes only), so that a buffer's whole vectors never split a cache line;
+    zero-filled if `zeroed`."""
+    import numpy
+    cdef Py_ssize_t itemsize = numpy.dtype(dtype).itemsize, per_line = ALIGNMENT // itemsize
+    cdef Py_ssize_t stride = (length + per_line - 1) // per_line * per_line
+    raw = (numpy.zeros if zeroed else numpy.empty)(rows * stride + per_line, dtype)
+    cdef Py_ssize_t skip = (-raw.ctypes.data % ALIGNMENT) // itemsize
+    return raw[skip:skip + rows * stride].reshape(rows, stride)

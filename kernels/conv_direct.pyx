@@ -18,7 +18,16 @@ from cython.parallel cimport prange
 from libc.stddef cimport ptrdiff_t
 from libc.string cimport memcpy, memset
 
-from conv_common cimport MIN_UNITS, WEIGHT_PARTIALS, Conv, bias_pointer, ceil_div, geometry, sum_partials
+from conv_common cimport (
+    MIN_UNITS,
+    WEIGHT_PARTIALS,
+    Conv,
+    aligned_rows,
+    bias_pointer,
+    ceil_div,
+    geometry,
+    sum_partials,
+)
 from openmp_shim cimport omp_get_thread_num
 
 cdef extern from "direct_conv.h" nogil:
@@ -26,11 +35,12 @@ cdef extern from "direct_conv.h" nogil:
                                           const ptrdiff_t* taps, int n_taps, const float* w, float* out)
     ctypedef void (*direct_tile_double_fn)(const double* x, ptrdiff_t channel_stride, int channels,
                                            const ptrdiff_t* taps, int n_taps, const double* w, double* out)
-    ctypedef void (*direct_weight_float_fn)(const float* gy, ptrdiff_t gy_channel_stride, const float* band,
-                                            ptrdiff_t band_row, const ptrdiff_t* taps, int rows, int width, float* out)
-    ctypedef void (*direct_weight_double_fn)(const double* gy, ptrdiff_t gy_channel_stride, const double* band,
-                                             ptrdiff_t band_row, const ptrdiff_t* taps, int rows, int width,
-                                             double* out)
+    ctypedef void (*direct_weight_float_fn)(const float* gy, ptrdiff_t gy_channel_stride, ptrdiff_t gy_row,
+                                            const float* band, ptrdiff_t band_row, const ptrdiff_t* taps, int rows,
+                                            int width, float* sums)
+    ctypedef void (*direct_weight_double_fn)(const double* gy, ptrdiff_t gy_channel_stride, ptrdiff_t gy_row,
+                                             const double* band, ptrdiff_t band_row, const ptrdiff_t* taps, int rows,
+                                             int width, double* sums)
     ctypedef void (*micro_float_fn)(int runs, int depth, const float* a, ptrdiff_t a_row, ptrdiff_t a_step,
                                     ptrdiff_t a_run, const float* b, ptrdiff_t b_step, ptrdiff_t b_run, float* c,
                                     ptrdiff_t c_row, int accumulate)
@@ -670,35 +680,60 @@ cdef const floating* grad_block(const floating* gy, const Conv* c, int image, in
 
 
 cdef Py_ssize_t WEIGHT_ROWS_BYTES = 24 << 10  # a weight tile's rows of grad_output: they stay in L1 across the taps
+cdef int ALIGNED_COPY_READS = 16  # the fewest tiles reading a block's rows of grad_output for an aligned copy to pay
 
 
 cdef struct TapTiles:
-    int rows        # output rows per tile call (WEIGHT_ROWS_BYTES of a block's grad_output)
-    int lanes       # elements of a vector
-    int tap_groups  # groups of WEIGHT_TAPS taps
-    Py_ssize_t sums  # elements of a block's lane sums: every input channel and tap group
+    int rows         # output rows per tile call (WEIGHT_ROWS_BYTES of a block's grad_output)
+    int lanes        # elements of a vector
+    int row          # a row of the block's copy of grad_output: out_w padded to whole vectors
+    int tap_groups   # groups of WEIGHT_TAPS taps
+    bint copied      # grad_output's rows copied, aligned, even for a full block: enough tiles read each copy
+    Py_ssize_t block  # elements of the copy: channels x rows x row
+    Py_ssize_t sums   # elements of a block's lane sums: every input channel and tap group
 
 
 cdef TapTiles tap_tiles(const Conv* c, const Direct* d, Py_ssize_t itemsize):
     cdef TapTiles t
-    t.rows = <int>max(1, min(d.band_rows, WEIGHT_ROWS_BYTES // (d.channels * c.out_w * itemsize)))
     t.lanes = d.tiles.micro.lanes_double if itemsize == 8 else d.tiles.micro.lanes_float
+    t.row = ceil_div(c.out_w, t.lanes) * t.lanes
+    t.rows = <int>max(1, min(d.band_rows, WEIGHT_ROWS_BYTES // (d.channels * t.row * itemsize)))
     t.tap_groups = ceil_div(d.taps, WEIGHT_TAPS)
+    t.copied = c.group_in * t.tap_groups >= ALIGNED_COPY_READS
+    t.block = <Py_ssize_t>d.channels * t.rows * t.row
     t.sums = <Py_ssize_t>c.group_in * t.tap_groups * d.channels * WEIGHT_TAPS * t.lanes
     return t
 
 
+cdef void aligned_grads(const floating* gy, const Conv* c, const TapTiles* tt, int image, int first, int channels,
+                        int block, int row, int rows, floating* copy) noexcept nogil:
+    """copy[j, r, :out_w] = grad_output's row + r of channel first + j of one image, for j < block (zero past
+    `channels`) and r < rows, each row tt.row long: the tiles' whole-vector loads then never split a cache
+    line (the copy is aligned; grad_output, a NumPy array, is not)."""
+    cdef Py_ssize_t plane = <Py_ssize_t>c.out_h * c.out_w
+    cdef const floating* grads = gy + ((<Py_ssize_t>image * c.out_channels + first) * c.out_h + row) * c.out_w
+    cdef int j, r
+    cdef floating* dst
+    for j in range(block):
+        for r in range(rows):
+            dst = copy + (<Py_ssize_t>j * rows + r) * tt.row
+            if j < channels:
+                memcpy(dst, grads + j * plane + <Py_ssize_t>r * c.out_w, c.out_w * sizeof(floating))
+            else:
+                memset(dst, 0, c.out_w * sizeof(floating))
+
+
 cdef void direct_weight_unit(const floating* gy, const floating* x, const Conv* c, const Direct* d,
                              const TapTiles* tt, const ptrdiff_t* taps, int unit, floating* partial, floating* band,
-                             floating* gy_block, floating* sums) noexcept nogil:
+                             floating* copy, floating* sums) noexcept nogil:
     """partial += the weight gradient of one unit (output rows [row, row + rows) of one image): its input
     rows padded once per group, then for each block of output channels, a few rows of grad_output at a time
-    (through grad_block), a weight tile per (input channel, group of WEIGHT_TAPS taps) adding into its lane
-    sums; the lanes are added last, in order."""
+    (in place, or copied by aligned_grads: see TapTiles.copied), a weight tile per (input channel, group of WEIGHT_TAPS taps) adding into its
+    lane sums; the lanes are added last, in order."""
     cdef int image = unit // d.bands, row = (unit % d.bands) * d.band_rows
     cdef int rows = min(d.band_rows, c.out_h - row)
     cdef int g, block, channels, piece, first, count, ch, k, j, t, lane
-    cdef Py_ssize_t stride
+    cdef ptrdiff_t stride, grads_row
     cdef const floating* grads
     cdef const floating* lanes
     cdef floating* tile_sums
@@ -712,17 +747,25 @@ cdef void direct_weight_unit(const floating* gy, const floating* x, const Conv* 
             for piece in range(ceil_div(rows, tt.rows)):
                 first = piece * tt.rows
                 count = min(tt.rows, rows - first)
-                grads = grad_block(gy, c, image, g * c.group_out + block * d.channels, channels, d.channels,
-                                   row + first, count, gy_block, &stride)
+                if channels == d.channels and not tt.copied:
+                    grads = gy + ((<Py_ssize_t>image * c.out_channels + g * c.group_out + block * d.channels)
+                                  * c.out_h + row + first) * c.out_w
+                    stride, grads_row = <ptrdiff_t>c.out_h * c.out_w, c.out_w
+                else:
+                    aligned_grads(gy, c, tt, image, g * c.group_out + block * d.channels, channels, d.channels,
+                                  row + first, count, copy)
+                    grads, stride, grads_row = copy, <ptrdiff_t>count * tt.row, tt.row
                 tile_sums = sums
                 for ch in range(c.group_in):
                     for k in range(tt.tap_groups):
                         if floating is float:
-                            d.tiles.weight_float(grads, stride, band + ch * d.channel_stride + first * d.row_width,
-                                                 d.row_width, taps + k * WEIGHT_TAPS, count, c.out_w, tile_sums)
+                            d.tiles.weight_float(grads, stride, grads_row,
+                                                 band + ch * d.channel_stride + first * d.row_width, d.row_width,
+                                                 taps + k * WEIGHT_TAPS, count, c.out_w, tile_sums)
                         else:
-                            d.tiles.weight_double(grads, stride, band + ch * d.channel_stride + first * d.row_width,
-                                                  d.row_width, taps + k * WEIGHT_TAPS, count, c.out_w, tile_sums)
+                            d.tiles.weight_double(grads, stride, grads_row,
+                                                  band + ch * d.channel_stride + first * d.row_width, d.row_width,
+                                                  taps + k * WEIGHT_TAPS, count, c.out_w, tile_sums)
                         tile_sums += d.channels * WEIGHT_TAPS * tt.lanes
             for ch in range(c.group_in):
                 for k in range(tt.tap_groups):
@@ -742,15 +785,16 @@ cdef void direct_weight_partials(const floating[:, :, :, ::1] gy, const floating
     cdef int chunks = partials.shape[0], units = c.batch * d.bands, chunk, unit
     cdef TapTiles tt = tap_tiles(c, d, sizeof(floating))
     cdef ptrdiff_t[::1] taps = tap_offsets(c, d, tt.tap_groups * WEIGHT_TAPS)
-    cdef Py_ssize_t block_size = <Py_ssize_t>d.channels * tt.rows * c.out_w
-    cdef floating[:, ::1] workspace = np.zeros((threads, d.buffer + block_size + tt.sums), np.asarray(partials).dtype)
-    cdef floating* band
+    # per thread, aligned: the copy of grad_output, the lane sums (whole vectors both), the band
+    cdef floating[:, ::1] workspace = aligned_rows(threads, tt.block + tt.sums + d.buffer, np.asarray(partials).dtype,
+                                                   True)
+    cdef floating* grads
     for chunk in prange(chunks, nogil=True, schedule="dynamic", num_threads=threads):
-        band = &workspace[omp_get_thread_num(), 0]
+        grads = &workspace[omp_get_thread_num(), 0]
         memset(&partials[chunk, 0], 0, partials.shape[1] * sizeof(floating))
         for unit in range(chunk * units // chunks, (chunk + 1) * units // chunks):
             direct_weight_unit(&gy[0, 0, 0, 0], &x[0, 0, 0, 0], c, d, &tt, &taps[0], unit, &partials[chunk, 0],
-                               band, band + d.buffer, band + d.buffer + block_size)
+                               grads + tt.block + tt.sums, grads, grads + tt.block)
 
 
 cdef void channels_last_weight_unit(const floating* gy, const floating* x, const Conv* c, const Direct* d,

@@ -20,6 +20,7 @@ from conv_common cimport (
     MIN_UNITS,
     WEIGHT_PARTIALS,
     Conv,
+    aligned_rows,
     bias_pointer,
     ceil_div,
     clamp,
@@ -362,9 +363,9 @@ cdef inline const micro_kernels* gemm_kernels(micro_kernels* copy):
 
 
 cdef inline Py_ssize_t workspace_size(const Conv* c, const Plan* plan, bint output_rows):
-    """Elements of one thread's workspace: its column matrix, its output-shaped rows (a block's output, or its
-    gathered grad_output) where `output_rows`, the GEMM's panels."""
-    return (c.k + (c.group_out if output_rows else 0)) * <Py_ssize_t>plan.columns + GEMM_WORK
+    """Elements of one thread's workspace: the GEMM's panels (first: aligned), its column matrix, its
+    output-shaped rows (a block's output, or its gathered grad_output) where `output_rows`."""
+    return GEMM_WORK + (c.k + (c.group_out if output_rows else 0)) * <Py_ssize_t>plan.columns
 
 
 def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, const floating[::1] bias,
@@ -375,14 +376,13 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, cons
     cdef Plan plan = make_plan(&c, sizeof(floating))
     cdef micro_kernels chosen
     cdef const micro_kernels* kernels = gemm_kernels(&chosen)
-    cdef floating[:, ::1] workspace = np.empty((threads, workspace_size(&c, &plan, True)), np.asarray(y).dtype)
-    cdef floating* col
+    cdef floating[:, ::1] workspace = aligned_rows(threads, workspace_size(&c, &plan, True), np.asarray(y).dtype, False)
+    cdef floating* work
     cdef int t
     for t in prange(plan.blocks, nogil=True, schedule="dynamic", num_threads=threads):
-        col = &workspace[omp_get_thread_num(), 0]
+        work = &workspace[omp_get_thread_num(), 0]
         forward_block(kernels, &x[0, 0, 0, 0], &w[0, 0, 0, 0], bias_ptr, &c, block_of(&c, &plan, t),
-                      &y[0, 0, 0, 0], col, col + <Py_ssize_t>c.k * plan.columns,
-                      col + (c.k + c.group_out) * <Py_ssize_t>plan.columns)
+                      &y[0, 0, 0, 0], work + GEMM_WORK, work + GEMM_WORK + <Py_ssize_t>c.k * plan.columns, work)
 
 
 
@@ -396,12 +396,12 @@ def backward_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1]
     cdef int first, last, t
     for t in range(plan.blocks):  # an input band's output rows reach beyond its own band (the kernel's halo)
         plan.columns = max(plan.columns, input_band(&c, &plan, t, &first, &last).rows * c.out_w * plan.images)
-    cdef floating[:, ::1] workspace = np.empty((threads, workspace_size(&c, &plan, False)), np.asarray(gx).dtype)
-    cdef floating* col
+    cdef floating[:, ::1] workspace = aligned_rows(threads, workspace_size(&c, &plan, False), np.asarray(gx).dtype, False)
+    cdef floating* work
     for t in prange(plan.blocks, nogil=True, schedule="dynamic", num_threads=threads):
-        col = &workspace[omp_get_thread_num(), 0]
+        work = &workspace[omp_get_thread_num(), 0]
         backward_input_block(kernels, &gy[0, 0, 0, 0], &w[0, 0, 0, 0], &c, &plan, t, &gx[0, 0, 0, 0],
-                             col, col + <Py_ssize_t>c.k * plan.columns)
+                             work + GEMM_WORK, work)
 
 
 
@@ -416,13 +416,12 @@ def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1
     cdef int chunks = min(plan.blocks, WEIGHT_PARTIALS), chunk
     dtype = np.asarray(gw).dtype
     cdef floating[:, ::1] partials = np.empty((chunks, <Py_ssize_t>c.out_channels * c.k), dtype)
-    cdef floating[:, ::1] workspace = np.empty((threads, workspace_size(&c, &plan, True)), dtype)
-    cdef floating* col
+    cdef floating[:, ::1] workspace = aligned_rows(threads, workspace_size(&c, &plan, True), dtype, False)
+    cdef floating* work
     for chunk in prange(chunks, nogil=True, schedule="dynamic", num_threads=threads):
-        col = &workspace[omp_get_thread_num(), 0]
+        work = &workspace[omp_get_thread_num(), 0]
         backward_weight_chunk(kernels, &gy[0, 0, 0, 0], &x[0, 0, 0, 0], &c, &plan, chunk * plan.blocks // chunks,
-                              (chunk + 1) * plan.blocks // chunks, &partials[chunk, 0], col,
-                              col + <Py_ssize_t>c.k * plan.columns,
-                              col + (c.k + c.group_out) * <Py_ssize_t>plan.columns)
+                              (chunk + 1) * plan.blocks // chunks, &partials[chunk, 0], work + GEMM_WORK,
+                              work + GEMM_WORK + <Py_ssize_t>c.k * plan.columns, work)
     cdef floating[::1] flat_gw = np.asarray(gw).reshape(-1)
     sum_partials(partials, flat_gw, threads)

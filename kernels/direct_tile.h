@@ -35,7 +35,7 @@ static void TILE_NAME(const TILE_T *x, ptrdiff_t channel_stride, int channels, c
 
 /* The weight-gradient tile, TILE_WEIGHT_NAME:
  * sums[(c * WEIGHT_TAPS + t) * TILE_LANES + l] += sum over rows r < rows and columns j < width, j = l mod
- *                                               TILE_LANES, of gy[c * gy_channel_stride + r * width + j]
+ *                                               TILE_LANES, of gy[c * gy_channel_stride + r * gy_row + j]
  *                                               * band[taps[t] + r * band_row + j]
  * for the TILE_CHANNELS output channels c and WEIGHT_TAPS taps t: each lane sums its own columns in row order,
  * on top of what `sums` holds (the caller adds the lanes once it has summed all of its rows). Only real output
@@ -58,8 +58,8 @@ static inline void TILE_PASTE(TILE_WEIGHT_NAME, _step)(TILE_VEC acc[TILE_CHANNEL
 }
 
 __attribute__((target(TILE_TARGET)))
-static void TILE_WEIGHT_NAME(const TILE_T *gy, ptrdiff_t gy_channel_stride, const TILE_T *band, ptrdiff_t band_row,
-                             const ptrdiff_t *taps, int rows, int width, TILE_T *sums)
+static void TILE_WEIGHT_NAME(const TILE_T *gy, ptrdiff_t gy_channel_stride, ptrdiff_t gy_row, const TILE_T *band,
+                             ptrdiff_t band_row, const ptrdiff_t *taps, int rows, int width, TILE_T *sums)
 {
     TILE_VEC acc[TILE_CHANNELS][WEIGHT_TAPS];
     const TILE_T *grads[TILE_CHANNELS], *inputs[WEIGHT_TAPS];
@@ -75,7 +75,7 @@ static void TILE_WEIGHT_NAME(const TILE_T *gy, ptrdiff_t gy_channel_stride, cons
             TILE_PASTE(TILE_WEIGHT_NAME, _step)(acc, grads, inputs, j, TILE_LANES);
         if (full < width)
             TILE_PASTE(TILE_WEIGHT_NAME, _step)(acc, grads, inputs, full, width - full);
-        _Pragma("GCC unroll 8") for (int c = 0; c < TILE_CHANNELS; c++) grads[c] += width;
+        _Pragma("GCC unroll 8") for (int c = 0; c < TILE_CHANNELS; c++) grads[c] += gy_row;
         _Pragma("GCC unroll 4") for (int t = 0; t < WEIGHT_TAPS; t++) inputs[t] += band_row;
     }
     _Pragma("GCC unroll 8") for (int c = 0; c < TILE_CHANNELS; c++)
