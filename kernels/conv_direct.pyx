@@ -446,14 +446,14 @@ cdef void direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
     dtype = np.asarray(y).dtype
     cdef int blocks = d.channel_blocks if d.by_channels else d.blocks
     cdef int block_width = d.channel_width if d.by_channels else d.channels
-    cdef floating[::1] packed = np.empty(c.groups * blocks * c.group_in * d.taps * block_width, dtype)
+    cdef floating[::1] packed = aligned_rows(1, c.groups * blocks * c.group_in * d.taps * block_width, dtype, False)[0]
     pack_weight(&w[0, 0, 0, 0], c, d.taps, blocks, block_width, d.by_channels, &packed[0])
     cdef ptrdiff_t[::1] taps = tap_offsets(c, d, d.taps)
     cdef ChannelsLast cl = channels_last_plan(c, d, sizeof(floating), False)
     cdef ptrdiff_t buffer = cl.size if d.by_channels else d.buffer
     # zeroed once: the slack past the band and the rows a short last band leaves stale are read by tiles
     # whose results are never stored, and must not hold signalling garbage
-    cdef floating[:, ::1] workspace = np.zeros((threads, buffer + d.tile_size), dtype)
+    cdef floating[:, ::1] workspace = aligned_rows(threads, buffer + d.tile_size, dtype, True)
     cdef floating* band
     cdef int unit
     for unit in prange(c.batch * d.bands, nogil=True, schedule="dynamic", num_threads=threads):
@@ -646,10 +646,10 @@ def backward_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1]
     order, offsets, starts = phase_taps(&c, &t)
     cdef ptrdiff_t[::1] tap_order = order, tap_offset = offsets, tap_starts = starts
     dtype = np.asarray(gx).dtype
-    cdef floating[::1] packed = np.empty(c.groups * t.blocks * c.group_out * c.kernel_h * c.kernel_w * t.channels,
-                                         dtype)
+    cdef floating[::1] packed = aligned_rows(1, c.groups * t.blocks * c.group_out * c.kernel_h * c.kernel_w
+                                             * t.channels, dtype, False)[0]
     pack_phase_weight(&w[0, 0, 0, 0], &c, &t, &tap_order[0], &tap_starts[0], &packed[0])
-    cdef floating[:, ::1] workspace = np.zeros((threads, t.buffer + t.channels * t.width), dtype)
+    cdef floating[:, ::1] workspace = aligned_rows(threads, t.buffer + t.channels * t.width, dtype, True)
     cdef floating* band
     cdef int unit
     for unit in prange(c.batch * t.bands, nogil=True, schedule="dynamic", num_threads=threads):
@@ -728,8 +728,8 @@ cdef void direct_weight_unit(const floating* gy, const floating* x, const Conv* 
                              floating* copy, floating* sums) noexcept nogil:
     """partial += the weight gradient of one unit (output rows [row, row + rows) of one image): its input
     rows padded once per group, then for each block of output channels, a few rows of grad_output at a time
-    (in place, or copied by aligned_grads: see TapTiles.copied), a weight tile per (input channel, group of WEIGHT_TAPS taps) adding into its
-    lane sums; the lanes are added last, in order."""
+    (in place, or copied by aligned_grads: see TapTiles.copied), a weight tile per (input channel, group of
+    WEIGHT_TAPS taps) adding into its lane sums; the lanes are added last, in order."""
     cdef int image = unit // d.bands, row = (unit % d.bands) * d.band_rows
     cdef int rows = min(d.band_rows, c.out_h - row)
     cdef int g, block, channels, piece, first, count, ch, k, j, t, lane
@@ -770,7 +770,8 @@ cdef void direct_weight_unit(const floating* gy, const floating* x, const Conv* 
             for ch in range(c.group_in):
                 for k in range(tt.tap_groups):
                     for j in range(channels):
-                        dst = partial + ((<Py_ssize_t>g * c.group_out + block * d.channels + j) * c.group_in + ch) * d.taps
+                        dst = partial + (((<Py_ssize_t>g * c.group_out + block * d.channels + j) * c.group_in + ch)
+                                         * d.taps)
                         for t in range(min(WEIGHT_TAPS, d.taps - k * WEIGHT_TAPS)):
                             lanes = sums + (((ch * tt.tap_groups + k) * d.channels + j) * WEIGHT_TAPS + t) * tt.lanes
                             total = 0
@@ -944,8 +945,8 @@ cdef void channels_last_weight_partials(const floating[:, :, :, ::1] gy, const f
     cdef Py_ssize_t acc_size = (<Py_ssize_t>c.groups * c.kernel_h * cl.term_rows * cl.out_lanes if by_output
                                 else <Py_ssize_t>c.groups * cl.out_pad * d.taps * cl.in_pad)
     # by output channels, zeroed once: the padding channels of the transposed grad_output are read, never written
-    cdef floating[:, ::1] workspace = (np.zeros if by_output else np.empty)((threads, cl.size + grads_size + acc_size),
-                                                                            np.asarray(partials).dtype)
+    cdef floating[:, ::1] workspace = aligned_rows(threads, cl.size + grads_size + acc_size, np.asarray(partials).dtype,
+                                                   by_output)
     cdef floating* band
     cdef floating* acc
     for chunk in prange(chunks, nogil=True, schedule="dynamic", num_threads=threads):

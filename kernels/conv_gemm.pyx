@@ -396,7 +396,8 @@ def backward_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1]
     cdef int first, last, t
     for t in range(plan.blocks):  # an input band's output rows reach beyond its own band (the kernel's halo)
         plan.columns = max(plan.columns, input_band(&c, &plan, t, &first, &last).rows * c.out_w * plan.images)
-    cdef floating[:, ::1] workspace = aligned_rows(threads, workspace_size(&c, &plan, False), np.asarray(gx).dtype, False)
+    cdef floating[:, ::1] workspace = aligned_rows(threads, workspace_size(&c, &plan, False), np.asarray(gx).dtype,
+                                                   False)
     cdef floating* work
     for t in prange(plan.blocks, nogil=True, schedule="dynamic", num_threads=threads):
         work = &workspace[omp_get_thread_num(), 0]

@@ -14,7 +14,7 @@ import numpy as np
 from cython cimport floating
 from libc.stddef cimport ptrdiff_t
 
-from conv_common cimport MIN_UNITS, bias_pointer, ceil_div
+from conv_common cimport MIN_UNITS, aligned_rows, bias_pointer, ceil_div
 
 cdef extern from "winograd.h" nogil:
     ctypedef struct wino_shape:
@@ -125,12 +125,12 @@ cdef bint convolve(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
     cdef wino_shape s = shape_of(p, m, &k, sizeof(floating), False)
     cdef int groups = p.groups
     dtype = np.asarray(y).dtype
-    cdef floating[::1] u = np.empty(<Py_ssize_t>groups * s.alpha * s.alpha * s.u_point, dtype)
+    cdef floating[::1] u = aligned_rows(1, <Py_ssize_t>groups * s.alpha * s.alpha * s.u_point, dtype, False)[0]
     cdef ptrdiff_t k_stride = s.channels * 9, c_stride = 9, g_stride = <ptrdiff_t>s.out_channels * s.channels * 9
     if flipped:  # w is (groups * channels, out_channels, 3, 3) per group: the channel axes swap
         k_stride, c_stride = 9, s.out_channels * 9
     cdef Py_ssize_t work_size = <Py_ssize_t>s.alpha * s.alpha * (s.v_point + s.m_point)
-    cdef floating[:, ::1] work = np.empty((threads, work_size), dtype)
+    cdef floating[:, ::1] work = aligned_rows(threads, work_size, dtype, False)
     cdef int[:, ::1] tiles = np.empty((threads, 3 * s.block), np.intc)
     cdef ptrdiff_t x_group = <ptrdiff_t>s.channels * s.height * s.width
     cdef ptrdiff_t y_group = <ptrdiff_t>s.out_channels * s.out_h * s.out_w
@@ -140,11 +140,11 @@ cdef bint convolve(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
         if floating is float:
             k.weights_float(&s, groups, &w[0, 0, 0, 0], k_stride, c_stride, g_stride, flipped, &u[0], threads)
             bad = k.forward_float(&s, groups, &x[0, 0, 0, 0], x_group, &u[0], u_group, bias, &y[0, 0, 0, 0], y_group,
-                                  &work[0, 0], work_size, &tiles[0, 0], threads)
+                                  &work[0, 0], work.shape[1], &tiles[0, 0], threads)
         else:
             k.weights_double(&s, groups, &w[0, 0, 0, 0], k_stride, c_stride, g_stride, flipped, &u[0], threads)
             bad = k.forward_double(&s, groups, &x[0, 0, 0, 0], x_group, &u[0], u_group, bias, &y[0, 0, 0, 0],
-                                   y_group, &work[0, 0], work_size, &tiles[0, 0], threads)
+                                   y_group, &work[0, 0], work.shape[1], &tiles[0, 0], threads)
     return not bad
 
 
@@ -167,9 +167,9 @@ def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1
     cdef wino_kernels k = wino_current()
     cdef wino_shape s = shape_of(p, m, &k, sizeof(floating), True)
     dtype = np.asarray(gw).dtype
-    cdef floating[::1] du = np.empty(<Py_ssize_t>s.alpha * s.alpha * s.u_point, dtype)
+    cdef floating[::1] du = aligned_rows(1, <Py_ssize_t>s.alpha * s.alpha * s.u_point, dtype, False)[0]
     # zeros: the rows of D past out_channels are read by the products and never written
-    cdef floating[::1] work = np.zeros(<Py_ssize_t>s.alpha * s.alpha * (s.v_point + s.m_point), dtype)
+    cdef floating[::1] work = aligned_rows(1, <Py_ssize_t>s.alpha * s.alpha * (s.v_point + s.m_point), dtype, True)[0]
     cdef int[::1] tiles = np.empty(3 * s.block, np.intc)
     cdef ptrdiff_t x_group = <ptrdiff_t>s.channels * s.height * s.width
     cdef ptrdiff_t gy_group = <ptrdiff_t>s.out_channels * s.out_h * s.out_w
