@@ -12,6 +12,7 @@
  * depend on the shapes only. `work` holds GEMM_WORK elements. */
 #ifndef FASTCONV_BLOCKED_GEMM_H
 #define FASTCONV_BLOCKED_GEMM_H
+#include "clones.h"
 #include "micro_gemm.h"
 
 #define GEMM_KC 256

@@ -1,9 +1,10 @@
 /* The GEMM of blocked_gemm.h for one element type, included with BG_NAME, BG_T (float or double), BG_KERNELS
  * and BG_LANES (the micro_kernels fields of that type) defined. */
 
-/* B's rows [0, depth) x columns [0, cols) into panels of `width` columns, each panel depth x width. */
-static void MICRO_PASTE(BG_NAME, _pack_b)(const BG_T *b, ptrdiff_t b_row, ptrdiff_t b_col, int depth, int cols,
-                                          int width, BG_T *packed)
+/* B's rows [0, depth) x columns [0, cols) into panels of `width` columns, each panel depth x width (in the
+ * CPU's widest vectors: FASTCONV_CLONES). */
+FASTCONV_CLONES static void MICRO_PASTE(BG_NAME, _pack_b)(const BG_T *b, ptrdiff_t b_row, ptrdiff_t b_col,
+                                                          int depth, int cols, int width, BG_T *packed)
 {
     for (int j0 = 0; j0 < cols; j0 += width, packed += (ptrdiff_t)depth * width) {
         int count = cols - j0 < width ? cols - j0 : width;

@@ -1,20 +1,15 @@
 /* col2im's inner loop, the adjoint of im2col on a run of rows: each row of a column matrix added into a row of
- * the input gradient. Compiled for AVX-512, AVX2 and plain x86-64, the CPU's best picked when the module loads
- * (GCC's target clones, on glibc), since the build itself stays generic (no -march). */
+ * the input gradient, in the CPU's widest vectors (FASTCONV_CLONES). */
 #ifndef FASTCONV_COL_ROWS_H
 #define FASTCONV_COL_ROWS_H
 #include <stddef.h>
 
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__GLIBC__)
-#define COL_ROWS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define COL_ROWS_CLONES
-#endif
+#include "clones.h"
 
 /* dst[i * dst_plane + r * dst_row + j * dst_step] += src[i * src_plane + r * src_row + j] for i < planes,
  * r < rows, j < n (contiguous where dst_step is 1). */
 #define COL_ROWS_ADD(NAME, T)                                                                                   \
-    COL_ROWS_CLONES static void NAME(T *dst, ptrdiff_t dst_plane, ptrdiff_t dst_row, ptrdiff_t dst_step,       \
+    FASTCONV_CLONES static void NAME(T *dst, ptrdiff_t dst_plane, ptrdiff_t dst_row, ptrdiff_t dst_step,       \
                                      const T *src, ptrdiff_t src_plane, ptrdiff_t src_row, int planes, int rows, \
                                      int n)                                                                    \
     {                                                                                                          \
