@@ -446,7 +446,8 @@ cdef void direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
     dtype = np.asarray(y).dtype
     cdef int blocks = d.channel_blocks if d.by_channels else d.blocks
     cdef int block_width = d.channel_width if d.by_channels else d.channels
-    cdef floating[::1] packed = aligned_rows(1, c.groups * blocks * c.group_in * d.taps * block_width, dtype, False)[0]
+    cdef floating[::1] packed = aligned_rows(1, c.groups * blocks * c.group_in * d.taps * block_width, dtype,
+                                             False)[0]
     pack_weight(&w[0, 0, 0, 0], c, d.taps, blocks, block_width, d.by_channels, &packed[0])
     cdef ptrdiff_t[::1] taps = tap_offsets(c, d, d.taps)
     cdef ChannelsLast cl = channels_last_plan(c, d, sizeof(floating), False)

@@ -169,7 +169,8 @@ def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1
     dtype = np.asarray(gw).dtype
     cdef floating[::1] du = aligned_rows(1, <Py_ssize_t>s.alpha * s.alpha * s.u_point, dtype, False)[0]
     # zeros: the rows of D past out_channels are read by the products and never written
-    cdef floating[::1] work = aligned_rows(1, <Py_ssize_t>s.alpha * s.alpha * (s.v_point + s.m_point), dtype, True)[0]
+    cdef floating[::1] work = aligned_rows(1, <Py_ssize_t>s.alpha * s.alpha * (s.v_point + s.m_point), dtype,
+                                           True)[0]
     cdef int[::1] tiles = np.empty(3 * s.block, np.intc)
     cdef ptrdiff_t x_group = <ptrdiff_t>s.channels * s.height * s.width
     cdef ptrdiff_t gy_group = <ptrdiff_t>s.out_channels * s.out_h * s.out_w
