@@ -734,7 +734,7 @@ cdef void direct_weight_unit(const floating* gy, const floating* x, const Conv* 
     cdef int image = unit // d.bands, row = (unit % d.bands) * d.band_rows
     cdef int rows = min(d.band_rows, c.out_h - row)
     cdef int g, block, channels, piece, first, count, ch, k, j, t, lane
-    cdef ptrdiff_t stride, grads_row
+    cdef Py_ssize_t stride, grads_row
     cdef const floating* grads
     cdef const floating* lanes
     cdef floating* tile_sums
@@ -748,14 +748,14 @@ cdef void direct_weight_unit(const floating* gy, const floating* x, const Conv* 
             for piece in range(ceil_div(rows, tt.rows)):
                 first = piece * tt.rows
                 count = min(tt.rows, rows - first)
-                if channels == d.channels and not tt.copied:
-                    grads = gy + ((<Py_ssize_t>image * c.out_channels + g * c.group_out + block * d.channels)
-                                  * c.out_h + row + first) * c.out_w
-                    stride, grads_row = <ptrdiff_t>c.out_h * c.out_w, c.out_w
+                if channels == d.channels and not tt.copied:  # in place
+                    grads = grad_block(gy, c, image, g * c.group_out + block * d.channels, channels, d.channels,
+                                       row + first, count, copy, &stride)
+                    grads_row = c.out_w
                 else:
                     aligned_grads(gy, c, tt, image, g * c.group_out + block * d.channels, channels, d.channels,
                                   row + first, count, copy)
-                    grads, stride, grads_row = copy, <ptrdiff_t>count * tt.row, tt.row
+                    grads, stride, grads_row = copy, <Py_ssize_t>count * tt.row, tt.row
                 tile_sums = sums
                 for ch in range(c.group_in):
                     for k in range(tt.tap_groups):

@@ -376,7 +376,8 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, cons
     cdef Plan plan = make_plan(&c, sizeof(floating))
     cdef micro_kernels chosen
     cdef const micro_kernels* kernels = gemm_kernels(&chosen)
-    cdef floating[:, ::1] workspace = aligned_rows(threads, workspace_size(&c, &plan, True), np.asarray(y).dtype, False)
+    cdef floating[:, ::1] workspace = aligned_rows(threads, workspace_size(&c, &plan, True), np.asarray(y).dtype,
+                                                   False)
     cdef floating* work
     cdef int t
     for t in prange(plan.blocks, nogil=True, schedule="dynamic", num_threads=threads):
