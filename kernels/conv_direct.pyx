@@ -52,6 +52,8 @@ cdef extern from "direct_conv.h" nogil:
         micro_float_fn float_kernels[4]
         micro_double_fn double_kernels[4]
         int mr, lanes_float, lanes_double
+        micro_float_fn short_float_kernels[4]
+        micro_double_fn short_double_kernels[4]
     ctypedef void (*evens_float_fn)(float* dst, const float* src, int n)
     ctypedef void (*evens_double_fn)(double* dst, const double* src, int n)
     ctypedef struct direct_tiles:
@@ -131,6 +133,13 @@ cdef inline int micro_vectors(int left) noexcept nogil:
     return 2 if left % MICRO_NV == 1 and left > 1 else min(MICRO_NV, left)
 
 
+cdef inline int row_slots(int width, int mr) noexcept nogil:
+    """Pixels the channel blocks of a row of `width` compute: blocks of mr, the last one of mr / 2 where that
+    holds the rest."""
+    cdef int rest = width % mr
+    return width - rest + (0 if rest == 0 else (mr // 2 if rest <= mr // 2 else mr))
+
+
 cdef enum:
     CHANNEL_TERMS = 64  # the fewest terms per output (input channels x taps) for which the channel blocks pay
 
@@ -149,7 +158,7 @@ cdef bint channel_tiles_pay(const Conv* c, const Direct* d, int lanes):
     cdef double pixel_lanes = <double>c.out_w / (ceil_div(d.band_rows * d.row_width, d.width) * d.width
                                                  / <double>d.band_rows)
     pixel_lanes *= <double>c.group_out / (d.blocks * d.channels)
-    cdef double channel_lanes = <double>c.out_w / (ceil_div(c.out_w, mr) * mr)
+    cdef double channel_lanes = <double>c.out_w / row_slots(c.out_w, mr)
     channel_lanes *= <double>c.group_out / (ceil_div(c.group_out, lanes) * lanes)
     return channel_lanes >= 0.8 * pixel_lanes
 
@@ -368,10 +377,12 @@ cdef void channel_blocks(const floating* packed, const floating* bias, const Con
                          const ChannelsLast* cl, int image, int row, int rows, int g, floating* y,
                          const floating* band, floating* tile) noexcept nogil:
     """pixel_tiles with the vectors over output channels, on a channels-last band: for each output row and run
-    of mr pixels, one micro-kernel call sums every tap of every input channel (runs: the kernel rows; depth: a
-    kernel row's columns x input channels, consecutive in the band) into a pixels x channels tile, stored
-    transposed."""
+    of mr pixels (mr / 2 for a row's last few, see row_slots), one micro-kernel call sums every tap of every
+    input channel (runs: the kernel rows; depth: a kernel row's columns x input channels, consecutive in the
+    band) into a pixels x channels tile, stored transposed."""
     cdef int mr = d.tiles.micro.mr
+    cdef micro_float_fn float_kernel
+    cdef micro_double_fn double_kernel
     cdef int lanes = d.tiles.micro.lanes_double if floating is double else d.tiles.micro.lanes_float
     cdef int depth = c.kernel_w * cl.in_pad, block, channels, vectors, first, r, q, ow
     cdef ptrdiff_t kernel_row = <ptrdiff_t>c.dilation_h * cl.band_w * cl.in_pad
@@ -392,13 +403,15 @@ cdef void channel_blocks(const floating* packed, const floating* bias, const Con
                 ow = q * mr
                 pixel = band + r * cl.row_step + ow * cl.step
                 if floating is float:
-                    d.tiles.micro.float_kernels[vectors](c.kernel_h, depth, pixel, cl.step, 1, kernel_row, w_block,
-                                                         d.channel_width, depth * d.channel_width, tile,
-                                                         d.channel_width, 0)
+                    float_kernel = (d.tiles.micro.short_float_kernels[vectors] if c.out_w - ow <= mr // 2
+                                    else d.tiles.micro.float_kernels[vectors])
+                    float_kernel(c.kernel_h, depth, pixel, cl.step, 1, kernel_row, w_block, d.channel_width,
+                                 depth * d.channel_width, tile, d.channel_width, 0)
                 else:
-                    d.tiles.micro.double_kernels[vectors](c.kernel_h, depth, pixel, cl.step, 1, kernel_row, w_block,
-                                                          d.channel_width, depth * d.channel_width, tile,
-                                                          d.channel_width, 0)
+                    double_kernel = (d.tiles.micro.short_double_kernels[vectors] if c.out_w - ow <= mr // 2
+                                     else d.tiles.micro.double_kernels[vectors])
+                    double_kernel(c.kernel_h, depth, pixel, cl.step, 1, kernel_row, w_block, d.channel_width,
+                                  depth * d.channel_width, tile, d.channel_width, 0)
                 if floating is float:
                     transpose_float(tile, d.channel_width, min(mr, c.out_w - ow), channels, bias_block,
                                     y_block + (row + r) * c.out_w + ow, plane)

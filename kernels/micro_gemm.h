@@ -12,7 +12,8 @@
  * that are not evenly spaced (a band's output rows, each row's pixels evenly spaced). `a` is read by broadcasts: it may be
  * packed (a_row = 1, a_step = MR) or any strided matrix (a_row = its row length, a_step = 1); each row of b is
  * NR contiguous elements. The AVX-512 blocks are 8 rows x 3 vectors (24 of the 32 registers accumulate), the
- * AVX2 ones 4 x 3 (12 of 16); blocks of 1 and 2 vectors finish a row whose length is not a multiple of 3. */
+ * AVX2 ones 4 x 3 (12 of 16); blocks of 1 and 2 vectors finish a row whose length is not a multiple of 3, and
+ * blocks of MR / 2 rows (the `short` kernels) a matrix whose last block would be half empty or more. */
 #ifndef FASTCONV_MICRO_GEMM_H
 #define FASTCONV_MICRO_GEMM_H
 #include <stddef.h>
@@ -137,22 +138,29 @@ typedef struct {
     micro_double_fn double_kernels[MICRO_NV + 1];
     int mr;                         /* rows of a block */
     int lanes_float, lanes_double;  /* elements of a vector: a full block is MICRO_NV of them wide */
+    micro_float_fn short_float_kernels[MICRO_NV + 1];  /* blocks of mr / 2 rows, for a run's last few */
+    micro_double_fn short_double_kernels[MICRO_NV + 1];
 } micro_kernels;
 
 /* The micro-kernels of the named instruction set, with .name "none" when the CPU cannot run them. */
 static micro_kernels micro_find(const char *name)
 {
-    micro_kernels none = {"none", {NULL}, {NULL}, 0, 0, 0};
+    micro_kernels none = {"none", {NULL}, {NULL}, 0, 0, 0, {NULL}, {NULL}};
 #ifdef MICRO_X86
     __builtin_cpu_init();
     if (strcmp(name, "avx512") == 0 && __builtin_cpu_supports("avx512f")) {
         micro_kernels k = {"avx512", {NULL, micro_float_avx512_1, micro_float_avx512_2, micro_float_avx512_3},
-                           {NULL, micro_double_avx512_1, micro_double_avx512_2, micro_double_avx512_3}, 8, 16, 8};
+                           {NULL, micro_double_avx512_1, micro_double_avx512_2, micro_double_avx512_3}, 8, 16, 8,
+                           {NULL, micro_float_avx512_1_short, micro_float_avx512_2_short, micro_float_avx512_3_short},
+                           {NULL, micro_double_avx512_1_short, micro_double_avx512_2_short,
+                            micro_double_avx512_3_short}};
         return k;
     }
     if (strcmp(name, "avx2") == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         micro_kernels k = {"avx2", {NULL, micro_float_avx2_1, micro_float_avx2_2, micro_float_avx2_3},
-                           {NULL, micro_double_avx2_1, micro_double_avx2_2, micro_double_avx2_3}, 4, 8, 4};
+                           {NULL, micro_double_avx2_1, micro_double_avx2_2, micro_double_avx2_3}, 4, 8, 4,
+                           {NULL, micro_float_avx2_1_short, micro_float_avx2_2_short, micro_float_avx2_3_short},
+                           {NULL, micro_double_avx2_1_short, micro_double_avx2_2_short, micro_double_avx2_3_short}};
         return k;
     }
 #endif

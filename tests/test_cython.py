@@ -187,8 +187,12 @@ def test_direct_path_against_oracle(vector_isa, dtype):
 
 
 # Narrow output rows with many output channels, where the forward's vectors run over output channels: ragged
-# last pixel runs, channels past a block of micro-kernel width, groups, dilation, row strides and bias.
+# last pixel runs (rows ending in a short block of half the micro-kernel's rows: 12, 10 and 9 pixels), channels
+# past a block of micro-kernel width, groups, dilation, row strides and bias.
 CHANNEL_VECTOR_CASES = [
+    dict(x_shape=(2, 8, 14, 14), w_shape=(24, 8, 3, 3), stride=1, padding=0, dilation=1, groups=1, bias=False),
+    dict(x_shape=(2, 16, 11, 20), w_shape=(48, 16, 3, 3), stride=2, padding=1, dilation=1, groups=1, bias=True),
+    dict(x_shape=(1, 12, 9, 11), w_shape=(20, 12, 3, 3), stride=1, padding=0, dilation=1, groups=1, bias=False),
     dict(x_shape=(5, 6, 12, 12), w_shape=(16, 6, 5, 5), stride=1, padding=0, dilation=1, groups=1, bias=True),
     dict(x_shape=(3, 8, 10, 7), w_shape=(53, 8, 3, 3), stride=1, padding=1, dilation=1, groups=1, bias=False),
     dict(x_shape=(2, 16, 11, 6), w_shape=(40, 8, 3, 3), stride=(2, 1), padding=(1, 2), dilation=(2, 1), groups=2,
