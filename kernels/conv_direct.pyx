@@ -36,11 +36,11 @@ cdef extern from "direct_conv.h" nogil:
     ctypedef void (*direct_tile_double_fn)(const double* x, ptrdiff_t channel_stride, int channels,
                                            const ptrdiff_t* taps, int n_taps, const double* w, double* out)
     ctypedef void (*direct_weight_float_fn)(const float* gy, ptrdiff_t gy_channel_stride, ptrdiff_t gy_row,
-                                            const float* band, ptrdiff_t band_row, const ptrdiff_t* taps, int rows,
-                                            int width, float* sums)
+                                            const float* band, ptrdiff_t band_row, const ptrdiff_t* taps, int n_taps,
+                                            int rows, int width, float* sums)
     ctypedef void (*direct_weight_double_fn)(const double* gy, ptrdiff_t gy_channel_stride, ptrdiff_t gy_row,
-                                             const double* band, ptrdiff_t band_row, const ptrdiff_t* taps, int rows,
-                                             int width, double* sums)
+                                             const double* band, ptrdiff_t band_row, const ptrdiff_t* taps,
+                                             int n_taps, int rows, int width, double* sums)
     ctypedef void (*micro_float_fn)(int runs, int depth, const float* a, ptrdiff_t a_row, ptrdiff_t a_step,
                                     ptrdiff_t a_run, const float* b, ptrdiff_t b_step, ptrdiff_t b_run, float* c,
                                     ptrdiff_t c_row, int accumulate)
@@ -438,11 +438,10 @@ cdef void direct_unit(const floating* x, const floating* packed, const floating*
             pixel_tiles(packed, bias, c, d, taps, image, row, rows, g, y, band, tile)
 
 
-cdef tap_offsets(const Conv* c, const Direct* d, int length):
+cdef tap_offsets(const Conv* c, const Direct* d):
     """Where each kernel tap (kh, kw) reads in a band (its phase plane, then its row and column there),
-    relative to the output pixel; `length` long, the taps past the real ones reading at offset 0 (their
-    results are dropped)."""
-    offsets = np.zeros(length, np.intp)
+    relative to the output pixel."""
+    offsets = np.zeros(d.taps, np.intp)
     cdef int kh, kw, t = 0, down, across
     for kh in range(c.kernel_h):
         for kw in range(c.kernel_w):
@@ -462,7 +461,7 @@ cdef void direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
     cdef floating[::1] packed = aligned_rows(1, c.groups * blocks * c.group_in * d.taps * block_width, dtype,
                                              False)[0]
     pack_weight(&w[0, 0, 0, 0], c, d.taps, blocks, block_width, d.by_channels, &packed[0])
-    cdef ptrdiff_t[::1] taps = tap_offsets(c, d, d.taps)
+    cdef ptrdiff_t[::1] taps = tap_offsets(c, d)
     cdef ChannelsLast cl = channels_last_plan(c, d, sizeof(floating), False)
     cdef ptrdiff_t buffer = cl.size if d.by_channels else d.buffer
     # zeroed once: the slack past the band and the rows a short last band leaves stale are read by tiles
@@ -775,11 +774,13 @@ cdef void direct_weight_unit(const floating* gy, const floating* x, const Conv* 
                         if floating is float:
                             d.tiles.weight_float(grads, stride, grads_row,
                                                  band + ch * d.channel_stride + first * d.row_width, d.row_width,
-                                                 taps + k * WEIGHT_TAPS, count, c.out_w, tile_sums)
+                                                 taps + k * WEIGHT_TAPS, d.taps - k * WEIGHT_TAPS, count, c.out_w,
+                                                 tile_sums)
                         else:
                             d.tiles.weight_double(grads, stride, grads_row,
                                                   band + ch * d.channel_stride + first * d.row_width, d.row_width,
-                                                  taps + k * WEIGHT_TAPS, count, c.out_w, tile_sums)
+                                                  taps + k * WEIGHT_TAPS, d.taps - k * WEIGHT_TAPS, count, c.out_w,
+                                                  tile_sums)
                         tile_sums += d.channels * WEIGHT_TAPS * tt.lanes
             for ch in range(c.group_in):
                 for k in range(tt.tap_groups):
@@ -799,7 +800,7 @@ cdef void direct_weight_partials(const floating[:, :, :, ::1] gy, const floating
     """partials[k] = the weight gradient of the k-th fixed run of units, by the direct path."""
     cdef int chunks = partials.shape[0], units = c.batch * d.bands, chunk, unit
     cdef TapTiles tt = tap_tiles(c, d, sizeof(floating))
-    cdef ptrdiff_t[::1] taps = tap_offsets(c, d, tt.tap_groups * WEIGHT_TAPS)
+    cdef ptrdiff_t[::1] taps = tap_offsets(c, d)
     # per thread, aligned: the copy of grad_output, the lane sums (whole vectors both), the band
     cdef floating[:, ::1] workspace = aligned_rows(threads, tt.block + tt.sums + d.buffer, np.asarray(partials).dtype,
                                                    True)

@@ -21,9 +21,9 @@ typedef void (*direct_tile_float_fn)(const float *, ptrdiff_t, int, const ptrdif
 typedef void (*direct_tile_double_fn)(const double *, ptrdiff_t, int, const ptrdiff_t *, int, const double *,
                                       double *);
 typedef void (*direct_weight_float_fn)(const float *, ptrdiff_t, ptrdiff_t, const float *, ptrdiff_t,
-                                       const ptrdiff_t *, int, int, float *);
+                                       const ptrdiff_t *, int, int, int, float *);
 typedef void (*direct_weight_double_fn)(const double *, ptrdiff_t, ptrdiff_t, const double *, ptrdiff_t,
-                                        const ptrdiff_t *, int, int, double *);
+                                        const ptrdiff_t *, int, int, int, double *);
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>

@@ -37,50 +37,66 @@ static void TILE_NAME(const TILE_T *x, ptrdiff_t channel_stride, int channels, c
  * sums[(c * WEIGHT_TAPS + t) * TILE_LANES + l] += sum over rows r < rows and columns j < width, j = l mod
  *                                               TILE_LANES, of gy[c * gy_channel_stride + r * gy_row + j]
  *                                               * band[taps[t] + r * band_row + j]
- * for the TILE_CHANNELS output channels c and WEIGHT_TAPS taps t: each lane sums its own columns in row order,
+ * for the TILE_CHANNELS output channels c and the first n_taps <= WEIGHT_TAPS taps t (a kernel's last group
+ * may hold fewer; the other sums are left alone): each lane sums its own columns in row order,
  * on top of what `sums` holds (the caller adds the lanes once it has summed all of its rows). Only real output
  * columns are read (a masked load finishes a row), so an inf in the padded input never meets a zero that
  * PyTorch would not multiply it by. */
 /* One vector of columns [j, j + lanes) of the weight-gradient tile (lanes < TILE_LANES: the row's last). */
 __attribute__((target(TILE_TARGET), always_inline))
-static inline void TILE_PASTE(TILE_WEIGHT_NAME, _step)(TILE_VEC acc[TILE_CHANNELS][WEIGHT_TAPS],
+static inline void TILE_PASTE(TILE_WEIGHT_NAME, _step)(const int n_taps, TILE_VEC acc[TILE_CHANNELS][WEIGHT_TAPS],
                                                        const TILE_T *const *grads, const TILE_T *const *inputs, int j,
                                                        int lanes)
 {
     TILE_VEC in[WEIGHT_TAPS];
-    _Pragma("GCC unroll 4") for (int t = 0; t < WEIGHT_TAPS; t++)
+    _Pragma("GCC unroll 4") for (int t = 0; t < n_taps; t++)
         in[t] = lanes == TILE_LANES ? TILE_LOAD(inputs[t] + j) : TILE_LOAD_FIRST(inputs[t] + j, lanes);
     _Pragma("GCC unroll 8") for (int c = 0; c < TILE_CHANNELS; c++) {
         TILE_VEC grad = lanes == TILE_LANES ? TILE_LOAD(grads[c] + j) : TILE_LOAD_FIRST(grads[c] + j, lanes);
-        __asm__("" : "+v"(grad));  /* one load for its WEIGHT_TAPS products, not one folded into each */
-        _Pragma("GCC unroll 4") for (int t = 0; t < WEIGHT_TAPS; t++) acc[c][t] = TILE_FMA(grad, in[t], acc[c][t]);
+        __asm__("" : "+v"(grad));  /* one load for its n_taps products, not one folded into each */
+        _Pragma("GCC unroll 4") for (int t = 0; t < n_taps; t++) acc[c][t] = TILE_FMA(grad, in[t], acc[c][t]);
     }
 }
 
-__attribute__((target(TILE_TARGET)))
-static void TILE_WEIGHT_NAME(const TILE_T *gy, ptrdiff_t gy_channel_stride, ptrdiff_t gy_row, const TILE_T *band,
-                             ptrdiff_t band_row, const ptrdiff_t *taps, int rows, int width, TILE_T *sums)
+/* The tile for a constant n_taps: inlined into TILE_WEIGHT_NAME once per tap count. */
+__attribute__((target(TILE_TARGET), always_inline))
+static inline void TILE_PASTE(TILE_WEIGHT_NAME, _taps)(const int n_taps, const TILE_T *gy, ptrdiff_t gy_channel_stride,
+                                                       ptrdiff_t gy_row, const TILE_T *band, ptrdiff_t band_row,
+                                                       const ptrdiff_t *taps, int rows, int width, TILE_T *sums)
 {
     TILE_VEC acc[TILE_CHANNELS][WEIGHT_TAPS];
     const TILE_T *grads[TILE_CHANNELS], *inputs[WEIGHT_TAPS];
     const int full = width - width % TILE_LANES;
     _Pragma("GCC unroll 8") for (int c = 0; c < TILE_CHANNELS; c++) {
         grads[c] = gy + c * gy_channel_stride;
-        _Pragma("GCC unroll 4") for (int t = 0; t < WEIGHT_TAPS; t++)
+        _Pragma("GCC unroll 4") for (int t = 0; t < n_taps; t++)
             acc[c][t] = TILE_LOAD(sums + (c * WEIGHT_TAPS + t) * TILE_LANES);
     }
-    _Pragma("GCC unroll 4") for (int t = 0; t < WEIGHT_TAPS; t++) inputs[t] = band + taps[t];
+    _Pragma("GCC unroll 4") for (int t = 0; t < n_taps; t++) inputs[t] = band + taps[t];
     for (int r = 0; r < rows; r++) {
         for (int j = 0; j < full; j += TILE_LANES)
-            TILE_PASTE(TILE_WEIGHT_NAME, _step)(acc, grads, inputs, j, TILE_LANES);
+            TILE_PASTE(TILE_WEIGHT_NAME, _step)(n_taps, acc, grads, inputs, j, TILE_LANES);
         if (full < width)
-            TILE_PASTE(TILE_WEIGHT_NAME, _step)(acc, grads, inputs, full, width - full);
+            TILE_PASTE(TILE_WEIGHT_NAME, _step)(n_taps, acc, grads, inputs, full, width - full);
         _Pragma("GCC unroll 8") for (int c = 0; c < TILE_CHANNELS; c++) grads[c] += gy_row;
-        _Pragma("GCC unroll 4") for (int t = 0; t < WEIGHT_TAPS; t++) inputs[t] += band_row;
+        _Pragma("GCC unroll 4") for (int t = 0; t < n_taps; t++) inputs[t] += band_row;
     }
     _Pragma("GCC unroll 8") for (int c = 0; c < TILE_CHANNELS; c++)
-        _Pragma("GCC unroll 4") for (int t = 0; t < WEIGHT_TAPS; t++)
+        _Pragma("GCC unroll 4") for (int t = 0; t < n_taps; t++)
             TILE_STORE(sums + (c * WEIGHT_TAPS + t) * TILE_LANES, acc[c][t]);
+}
+
+__attribute__((target(TILE_TARGET)))
+static void TILE_WEIGHT_NAME(const TILE_T *gy, ptrdiff_t gy_channel_stride, ptrdiff_t gy_row, const TILE_T *band,
+                             ptrdiff_t band_row, const ptrdiff_t *taps, int n_taps, int rows, int width, TILE_T *sums)
+{
+    _Static_assert(WEIGHT_TAPS == 3, "a tile per tap count up to WEIGHT_TAPS");
+    if (n_taps >= 3)
+        TILE_PASTE(TILE_WEIGHT_NAME, _taps)(3, gy, gy_channel_stride, gy_row, band, band_row, taps, rows, width, sums);
+    else if (n_taps == 2)
+        TILE_PASTE(TILE_WEIGHT_NAME, _taps)(2, gy, gy_channel_stride, gy_row, band, band_row, taps, rows, width, sums);
+    else
+        TILE_PASTE(TILE_WEIGHT_NAME, _taps)(1, gy, gy_channel_stride, gy_row, band, band_row, taps, rows, width, sums);
 }
 
 /* The tile's shape, for direct_select: output channels and output positions. */
