@@ -692,7 +692,9 @@ cdef const floating* grad_block(const floating* gy, const Conv* c, int image, in
     return copy
 
 
-cdef Py_ssize_t WEIGHT_ROWS_BYTES = 24 << 10  # a weight tile's rows of grad_output: they stay in L1 across the taps
+# A weight tile call's rows of grad_output: they stay in L2 across the taps, and each call's loads and stores
+# of its lane sums are spread over many rows.
+cdef Py_ssize_t WEIGHT_ROWS_BYTES = 256 << 10
 cdef int ALIGNED_COPY_READS = 16  # the fewest tiles reading a block's rows of grad_output for an aligned copy to pay
 
 
