@@ -7,7 +7,9 @@
  *
  * A call pools `count` windows of one output row across `rows` window rows, all in registers: for window j,
  * cell b of window row r is row[r * row_stride + 2 * j + b], at offset r * row_stride + 2 * j + b; the first
- * cell wins, then a cell wins if it is greater or NaN, in row-major order: PyTorch's rule. best[j] gets the
+ * cell wins, then a cell wins if it is greater or NaN, in row-major order: PyTorch's rule (for the values
+ * alone, max(cell, current), which keeps current unless the cell is greater, then NaN cells taken: a max and
+ * a blend in each cell's chain of dependent steps instead of a compare, a mask or and a blend). best[j] gets the
  * window's maximum and, unless indices is NULL, indices[j] = origin + the winner's offset (int64). Only
  * row[r * row_stride .. r * row_stride + 2 * count + cells - 3] is read of each window row, without its first
  * element when `skip` (window 0's first cell lies in the left padding: it takes part in nothing); each load also
@@ -67,6 +69,11 @@ static inline void pool_rows_float_body(const float *row, int count, int cells, 
             __m512i at = _mm512_add_epi32(_mm512_set1_epi32((int)(r * row_stride + 2 * j)), _mm512_slli_epi32(
                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 1));
             for (int b = 0; b < cells; b++) {
+                if (indices == NULL) {  /* max(a, b) is b unless a > b (b NaN included) */
+                    current = r == 0 && b == 0 ? v[b] : _mm512_mask_mov_ps(
+                        _mm512_max_ps(v[b], current), _mm512_cmp_ps_mask(v[b], v[b], _CMP_UNORD_Q), v[b]);
+                    continue;
+                }
                 __mmask16 take = r == 0 && b == 0 ? (__mmask16)0xFFFF
                     : _mm512_cmp_ps_mask(v[b], current, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v[b], v[b], _CMP_UNORD_Q);
                 current = _mm512_mask_mov_ps(current, take, v[b]);
@@ -116,6 +123,11 @@ static inline void pool_rows_double_body(const double *row, int count, int cells
             __m256i at = _mm256_add_epi32(_mm256_set1_epi32((int)(r * row_stride + 2 * j)),
                                           _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14));
             for (int b = 0; b < cells; b++) {
+                if (indices == NULL) {
+                    current = r == 0 && b == 0 ? v[b] : _mm512_mask_mov_pd(
+                        _mm512_max_pd(v[b], current), _mm512_cmp_pd_mask(v[b], v[b], _CMP_UNORD_Q), v[b]);
+                    continue;
+                }
                 __mmask8 take = r == 0 && b == 0 ? (__mmask8)0xFF
                     : _mm512_cmp_pd_mask(v[b], current, _CMP_GT_OQ) | _mm512_cmp_pd_mask(v[b], v[b], _CMP_UNORD_Q);
                 current = _mm512_mask_mov_pd(current, take, v[b]);

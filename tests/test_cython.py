@@ -140,6 +140,30 @@ def test_pool_first_window_in_the_padding(vector_isa, dtype):
         assert pool.use_vector_isa(default)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("vector_isa", ["avx512", "none"])
+def test_pool_ties_of_signed_zeros(vector_isa, dtype):
+    """0.0 and -0.0 compare equal, so the first of them in a window wins, values-only path included: the sign
+    of each maximum must be PyTorch's (assert_array_equal alone does not see it)."""
+    pool = _cython()._pool
+    default = pool.vector_isa()
+    if not pool.use_vector_isa(vector_isa):
+        pytest.skip(f"this CPU cannot run the {vector_isa} window rows")
+    rng = np.random.default_rng(3)
+    x = rng.choice(np.array([0.0, -0.0, np.nan, -1.0], dtype), size=(2, 3, 21, 70), p=[0.45, 0.45, 0.02, 0.08])
+    try:
+        for window in (dict(kernel_size=2, stride=2), dict(kernel_size=3, stride=2, padding=1),
+                       dict(kernel_size=3, stride=2)):
+            want = fastconv.max_pool2d(x, **window, backend="naive")
+            for indices in (True, False):
+                got = fastconv.max_pool2d(x, **window, return_indices=indices, backend="cython")
+                got = got[0] if indices else got
+                np.testing.assert_array_equal(got, want)
+                np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+    finally:
+        assert pool.use_vector_isa(default)
+
+
 def test_bad_pool_index_raises_without_writing_out_of_bounds():
     _cython()
     x = np.random.default_rng(3).standard_normal((2, 3, 4, 4))
