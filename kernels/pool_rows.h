@@ -82,14 +82,22 @@ static inline void pool_rows_float_body(const float *row, int count, int cells, 
                         _mm512_set1_epi32(b), b == 0 ? padded : (__mmask16)0, _mm512_set1_epi32(1))));
             }
         }
-        _mm512_mask_storeu_ps(best + j, active, current);
+        if (active == (__mmask16)0xFFFF)  /* a whole store where every lane is real: masked stores cost more */
+            _mm512_storeu_ps(best + j, current);
+        else
+            _mm512_mask_storeu_ps(best + j, active, current);
         if (indices != NULL) {
             __m512i base = _mm512_set1_epi64(origin);
             __m256i low_at = _mm512_castsi512_si256(current_at), high_at = _mm512_extracti64x4_epi64(current_at, 1);
-            _mm512_mask_storeu_epi64(indices + j, (__mmask8)active,
-                                     _mm512_add_epi64(base, _mm512_cvtepu32_epi64(low_at)));
-            _mm512_mask_storeu_epi64(indices + j + 8, (__mmask8)(active >> 8),
-                                     _mm512_add_epi64(base, _mm512_cvtepu32_epi64(high_at)));
+            __m512i low_index = _mm512_add_epi64(base, _mm512_cvtepu32_epi64(low_at));
+            __m512i high_index = _mm512_add_epi64(base, _mm512_cvtepu32_epi64(high_at));
+            if (active == (__mmask16)0xFFFF) {
+                _mm512_storeu_si512(indices + j, low_index);
+                _mm512_storeu_si512(indices + j + 8, high_index);
+            } else {
+                _mm512_mask_storeu_epi64(indices + j, (__mmask8)active, low_index);
+                _mm512_mask_storeu_epi64(indices + j + 8, (__mmask8)(active >> 8), high_index);
+            }
         }
     }
 }
@@ -136,10 +144,16 @@ static inline void pool_rows_double_body(const double *row, int count, int cells
                         _mm256_set1_epi32(b), b == 0 ? padded : (__mmask8)0, _mm256_set1_epi32(1))));
             }
         }
-        _mm512_mask_storeu_pd(best + j, active, current);
-        if (indices != NULL)
-            _mm512_mask_storeu_epi64(indices + j, active,
-                                     _mm512_add_epi64(_mm512_set1_epi64(origin), _mm512_cvtepu32_epi64(current_at)));
+        __m512i index = _mm512_add_epi64(_mm512_set1_epi64(origin), _mm512_cvtepu32_epi64(current_at));
+        if (active == (__mmask8)0xFF) {
+            _mm512_storeu_pd(best + j, current);
+            if (indices != NULL)
+                _mm512_storeu_si512(indices + j, index);
+        } else {
+            _mm512_mask_storeu_pd(best + j, active, current);
+            if (indices != NULL)
+                _mm512_mask_storeu_epi64(indices + j, active, index);
+        }
     }
 }
 /* The bodies above with constant cells and values-or-indices: no branch left in their loops. */
