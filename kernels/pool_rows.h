@@ -77,9 +77,8 @@ static inline void pool_rows_float_body(const float *row, int count, int cells, 
                 __mmask16 take = r == 0 && b == 0 ? (__mmask16)0xFFFF
                     : _mm512_cmp_ps_mask(v[b], current, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v[b], v[b], _CMP_UNORD_Q);
                 current = _mm512_mask_mov_ps(current, take, v[b]);
-                if (indices != NULL)
-                    current_at = _mm512_mask_mov_epi32(current_at, take, _mm512_add_epi32(at, _mm512_mask_mov_epi32(
-                        _mm512_set1_epi32(b), b == 0 ? padded : (__mmask16)0, _mm512_set1_epi32(1))));
+                current_at = _mm512_mask_mov_epi32(current_at, take, _mm512_add_epi32(at, _mm512_mask_mov_epi32(
+                    _mm512_set1_epi32(b), b == 0 ? padded : (__mmask16)0, _mm512_set1_epi32(1))));
             }
         }
         if (active == (__mmask16)0xFFFF)  /* a whole store where every lane is real: masked stores cost more */
@@ -139,9 +138,8 @@ static inline void pool_rows_double_body(const double *row, int count, int cells
                 __mmask8 take = r == 0 && b == 0 ? (__mmask8)0xFF
                     : _mm512_cmp_pd_mask(v[b], current, _CMP_GT_OQ) | _mm512_cmp_pd_mask(v[b], v[b], _CMP_UNORD_Q);
                 current = _mm512_mask_mov_pd(current, take, v[b]);
-                if (indices != NULL)
-                    current_at = _mm256_mask_mov_epi32(current_at, take, _mm256_add_epi32(at, _mm256_mask_mov_epi32(
-                        _mm256_set1_epi32(b), b == 0 ? padded : (__mmask8)0, _mm256_set1_epi32(1))));
+                current_at = _mm256_mask_mov_epi32(current_at, take, _mm256_add_epi32(at, _mm256_mask_mov_epi32(
+                    _mm256_set1_epi32(b), b == 0 ? padded : (__mmask8)0, _mm256_set1_epi32(1))));
             }
         }
         __m512i index = _mm512_add_epi64(_mm512_set1_epi64(origin), _mm512_cvtepu32_epi64(current_at));

@@ -263,9 +263,9 @@ OUTPUT_VECTOR_WEIGHT_CASES = [
 
 
 # Weight gradients whose vectors run over output columns, in tiles of taps: rows in several pieces of a tile
-# call with a shorter last one (rows of 1026 columns), rows ending in a partial vector, a last block of fewer output channels, taps
-# past a group of three, strides, dilation across, groups; and a wide 7x7 layer whose blocks over output
-# channels would be full but whose grad_output, transposed, would not stay in L2.
+# call with a shorter last one (rows of 1026 columns), rows ending in a partial vector, a last block of fewer
+# output channels, taps past a group of three, strides, dilation across, groups; and a wide 7x7 layer whose
+# blocks over output channels would be full but whose grad_output, transposed, would not stay in L2.
 COLUMN_WEIGHT_CASES = [
     dict(x_shape=(2, 1, 150, 123), w_shape=(11, 1, 3, 5), stride=1, padding=(1, 0), dilation=1, groups=1,
          bias=False),
