@@ -66,6 +66,10 @@ static inline void pool_rows_float_body(const float *row, int count, int cells, 
                 if (readable > 32)  /* window j + 15's last cell, element 32 */
                     v[2] = _mm512_mask_broadcastss_ps(v[2], (__mmask16)0x8000, _mm_load_ss(cell + 32));
             }
+            /* a window row without NaN: "greater" alone decides (a NaN already taken is greater than nothing) */
+            const int clean = indices != NULL && !(_mm512_cmp_ps_mask(low, low, _CMP_UNORD_Q)
+                                                   | _mm512_cmp_ps_mask(high, high, _CMP_UNORD_Q))
+                              && !(cells == 3 && readable > 32 && cell[32] != cell[32]);
             __m512i at = _mm512_add_epi32(_mm512_set1_epi32((int)(r * row_stride + 2 * j)), _mm512_slli_epi32(
                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 1));
             for (int b = 0; b < cells; b++) {
@@ -75,6 +79,7 @@ static inline void pool_rows_float_body(const float *row, int count, int cells, 
                     continue;
                 }
                 __mmask16 take = r == 0 && b == 0 ? (__mmask16)0xFFFF
+                    : clean ? _mm512_cmp_ps_mask(v[b], current, _CMP_GT_OQ)
                     : _mm512_cmp_ps_mask(v[b], current, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v[b], v[b], _CMP_UNORD_Q);
                 current = _mm512_mask_mov_ps(current, take, v[b]);
                 current_at = _mm512_mask_mov_epi32(current_at, take, _mm512_add_epi32(at, _mm512_mask_mov_epi32(
@@ -127,6 +132,9 @@ static inline void pool_rows_double_body(const double *row, int count, int cells
                 if (readable > 16)  /* window j + 7's last cell, element 16 */
                     v[2] = _mm512_mask_broadcastsd_pd(v[2], (__mmask8)0x80, _mm_load_sd(cell + 16));
             }
+            const int clean = indices != NULL && !(_mm512_cmp_pd_mask(low, low, _CMP_UNORD_Q)
+                                                   | _mm512_cmp_pd_mask(high, high, _CMP_UNORD_Q))
+                              && !(cells == 3 && readable > 16 && cell[16] != cell[16]);
             __m256i at = _mm256_add_epi32(_mm256_set1_epi32((int)(r * row_stride + 2 * j)),
                                           _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14));
             for (int b = 0; b < cells; b++) {
@@ -136,6 +144,7 @@ static inline void pool_rows_double_body(const double *row, int count, int cells
                     continue;
                 }
                 __mmask8 take = r == 0 && b == 0 ? (__mmask8)0xFF
+                    : clean ? _mm512_cmp_pd_mask(v[b], current, _CMP_GT_OQ)
                     : _mm512_cmp_pd_mask(v[b], current, _CMP_GT_OQ) | _mm512_cmp_pd_mask(v[b], v[b], _CMP_UNORD_Q);
                 current = _mm512_mask_mov_pd(current, take, v[b]);
                 current_at = _mm256_mask_mov_epi32(current_at, take, _mm256_add_epi32(at, _mm256_mask_mov_epi32(
