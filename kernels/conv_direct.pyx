@@ -133,11 +133,16 @@ cdef inline int micro_vectors(int left) noexcept nogil:
     return 2 if left % MICRO_NV == 1 and left > 1 else min(MICRO_NV, left)
 
 
+cdef inline bint short_block(int left, int mr) noexcept nogil:
+    """Whether a row's block with `left` pixels still to compute runs on the micro-kernels of mr / 2 rows."""
+    return left <= mr // 2
+
+
 cdef inline int row_slots(int width, int mr) noexcept nogil:
-    """Pixels the channel blocks of a row of `width` compute: blocks of mr, the last one of mr / 2 where that
-    holds the rest."""
+    """Pixels the channel blocks of a row of `width` compute: blocks of mr, the last one short (short_block)
+    where it can be."""
     cdef int rest = width % mr
-    return width - rest + (0 if rest == 0 else (mr // 2 if rest <= mr // 2 else mr))
+    return width - rest + (0 if rest == 0 else (mr // 2 if short_block(rest, mr) else mr))
 
 
 cdef enum:
@@ -377,7 +382,7 @@ cdef void channel_blocks(const floating* packed, const floating* bias, const Con
                          const ChannelsLast* cl, int image, int row, int rows, int g, floating* y,
                          const floating* band, floating* tile) noexcept nogil:
     """pixel_tiles with the vectors over output channels, on a channels-last band: for each output row and run
-    of mr pixels (mr / 2 for a row's last few, see row_slots), one micro-kernel call sums every tap of every
+    of mr pixels (mr / 2 for a row's last few, see short_block), one micro-kernel call sums every tap of every
     input channel (runs: the kernel rows; depth: a kernel row's columns x input channels, consecutive in the
     band) into a pixels x channels tile, stored transposed."""
     cdef int mr = d.tiles.micro.mr
@@ -403,12 +408,12 @@ cdef void channel_blocks(const floating* packed, const floating* bias, const Con
                 ow = q * mr
                 pixel = band + r * cl.row_step + ow * cl.step
                 if floating is float:
-                    float_kernel = (d.tiles.micro.short_float_kernels[vectors] if c.out_w - ow <= mr // 2
+                    float_kernel = (d.tiles.micro.short_float_kernels[vectors] if short_block(c.out_w - ow, mr)
                                     else d.tiles.micro.float_kernels[vectors])
                     float_kernel(c.kernel_h, depth, pixel, cl.step, 1, kernel_row, w_block, d.channel_width,
                                  depth * d.channel_width, tile, d.channel_width, 0)
                 else:
-                    double_kernel = (d.tiles.micro.short_double_kernels[vectors] if c.out_w - ow <= mr // 2
+                    double_kernel = (d.tiles.micro.short_double_kernels[vectors] if short_block(c.out_w - ow, mr)
                                      else d.tiles.micro.double_kernels[vectors])
                     double_kernel(c.kernel_h, depth, pixel, cl.step, 1, kernel_row, w_block, d.channel_width,
                                   depth * d.channel_width, tile, d.channel_width, 0)
