@@ -10,6 +10,16 @@ from libc.stdint cimport int64_t
 from libc.string cimport memset
 
 
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define prefetch_for_writing(address) __builtin_prefetch((address), 1)
+    #else
+    #define prefetch_for_writing(address) ((void)(address))
+    #endif
+    """
+    void prefetch_for_writing(const void* address) noexcept nogil
+
 cdef extern from "pool_rows.h" nogil:
     ctypedef void (*pool_rows_float_fn)(const float* row, int count, int cells, int rows, ptrdiff_t row_stride,
                                         int skip, float* best, int64_t* indices, int64_t origin)
@@ -231,18 +241,36 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] y,
                    NULL if all_indices == NULL else all_indices + k * out_plane)
 
 
+cdef enum:
+    SCATTER_BLOCK = 16  # outputs of the backward scattered between two parts of the next plane's prefetch
+
+
+cdef inline void prefetch_part_for_writing(const void* region, Py_ssize_t size, Py_ssize_t part,
+                                           Py_ssize_t parts) noexcept nogil:
+    """Fetches for writing the cache lines of part `part` of `parts` of region[0:size] (bytes)."""
+    cdef Py_ssize_t lines = (size + 63) // 64, line
+    for line in range(lines * part // parts, lines * (part + 1) // parts):
+        prefetch_for_writing(<const char*>region + line * 64)
+
+
 cdef Py_ssize_t scatter_plane(const floating* gy, const int64_t* indices, Py_ssize_t outputs, Py_ssize_t plane,
-                              floating* gx) noexcept nogil:
+                              floating* gx, const floating* next_gx) noexcept nogil:
     """gx = 0, then gx[indices[j]] += gy[j]; stops at the first index outside [0, plane) and returns its
-    position j (-1 if none), so nothing is ever written out of bounds."""
-    cdef Py_ssize_t j
+    position j (-1 if none), so nothing is ever written out of bounds. Block by block of outputs, a part of
+    next_gx (the plane after this one, NULL if none) is fetched for writing: the memory fills those lines
+    while this plane's scatter runs, where the next plane's zero-fill would wait for each line."""
+    cdef Py_ssize_t j, start = 0, blocks = (outputs + SCATTER_BLOCK - 1) // SCATTER_BLOCK
     cdef int64_t index
     memset(gx, 0, plane * sizeof(floating))
-    for j in range(outputs):
-        index = indices[j]
-        if index < 0 or index >= plane:
-            return j
-        gx[index] += gy[j]
+    while start < outputs:
+        if next_gx != NULL:
+            prefetch_part_for_writing(next_gx, plane * sizeof(floating), start // SCATTER_BLOCK, blocks)
+        for j in range(start, min(outputs, start + SCATTER_BLOCK)):
+            index = indices[j]
+            if index < 0 or index >= plane:
+                return j
+            gx[index] += gy[j]
+        start += SCATTER_BLOCK
     return -1
 
 
@@ -255,8 +283,9 @@ def max_pool2d_backward(const floating[:, :, :, ::1] gy, const int64_t[:, :, :, 
     cdef Py_ssize_t[::1] bad_position = np.empty(planes, np.intp)
     cdef Py_ssize_t chunk = max(1, planes // (CHUNKS_PER_THREAD * threads))
     for k in prange(planes, nogil=True, schedule="dynamic", chunksize=chunk, num_threads=threads):
-        bad_position[k] = scatter_plane(&gy[0, 0, 0, 0] + k * outputs, &indices[0, 0, 0, 0] + k * outputs,
-                                        outputs, plane, &gx[0, 0, 0, 0] + k * plane)
+        bad_position[k] = scatter_plane(&gy[0, 0, 0, 0] + k * outputs, &indices[0, 0, 0, 0] + k * outputs, outputs,
+                                        plane, &gx[0, 0, 0, 0] + k * plane,
+                                        &gx[0, 0, 0, 0] + (k + 1) * plane if k + 1 < planes else NULL)
     for k in range(planes):
         if bad_position[k] >= 0:
             return int(np.asarray(indices).reshape(planes, outputs)[k, bad_position[k]])
