@@ -42,9 +42,10 @@ cdef extern from "blocked_gemm.h" nogil:
 
 cdef extern from "col_rows.h" nogil:
     void add_rows_float(float* dst, ptrdiff_t dst_plane, ptrdiff_t dst_row, ptrdiff_t dst_step, const float* src,
-                        ptrdiff_t src_plane, ptrdiff_t src_row, int planes, int rows, int n)
+                        ptrdiff_t src_plane, ptrdiff_t src_row, int planes, int rows, int n, bint avx512)
     void add_rows_double(double* dst, ptrdiff_t dst_plane, ptrdiff_t dst_row, ptrdiff_t dst_step,
-                         const double* src, ptrdiff_t src_plane, ptrdiff_t src_row, int planes, int rows, int n)
+                         const double* src, ptrdiff_t src_plane, ptrdiff_t src_row, int planes, int rows, int n,
+                         bint avx512)
 
 OPENMP = bool(FASTCONV_OPENMP)  # built with OpenMP; without it prange runs serially
 
@@ -206,9 +207,10 @@ cdef void im2col(const floating* x, const Conv* c, Block b, floating* col) noexc
                         dst += c.out_w
 
 
-cdef void col2im(const floating* col, const Conv* c, Block b, int first, int last, floating* gx) noexcept nogil:
+cdef void col2im(const floating* col, const Conv* c, Block b, int first, int last, bint avx512,
+                 floating* gx) noexcept nogil:
     """The adjoint of im2col, restricted to input rows [first, last): gx += the taps of col that land there.
-    Each gx element adds its terms in the fixed order (kw, kh, r)."""
+    Each gx element adds its terms in the fixed order (kw, kh, r). avx512: on AVX-512 (col_rows.h)."""
     cdef Py_ssize_t columns = <Py_ssize_t>b.images * b.rows * c.out_w
     cdef Py_ssize_t plane = <Py_ssize_t>c.height * c.width
     cdef int ch, kh, kw, top, low_row, high_row, offset, low, high
@@ -229,10 +231,12 @@ cdef void col2im(const floating* col, const Conv* c, Block b, int first, int las
                        + low * c.stride_w)
                 if floating is float:
                     add_rows_float(dst, c.channels * plane, <ptrdiff_t>c.stride_h * c.width, c.stride_w, src,
-                                   <ptrdiff_t>b.rows * c.out_w, c.out_w, b.images, high_row - low_row, high - low)
+                                   <ptrdiff_t>b.rows * c.out_w, c.out_w, b.images, high_row - low_row, high - low,
+                                   avx512)
                 else:
                     add_rows_double(dst, c.channels * plane, <ptrdiff_t>c.stride_h * c.width, c.stride_w, src,
-                                    <ptrdiff_t>b.rows * c.out_w, c.out_w, b.images, high_row - low_row, high - low)
+                                    <ptrdiff_t>b.rows * c.out_w, c.out_w, b.images, high_row - low_row, high - low,
+                                    avx512)
 
 
 cdef inline Py_ssize_t output_offset(const Conv* c, Block b, int g) noexcept nogil:
@@ -329,7 +333,8 @@ cdef void backward_input_block(const micro_kernels* kernels, const floating* gy,
                        w + <Py_ssize_t>g * c.group_out * c.k, c.k, gy_rows, c.out_h * c.out_w, False,
                        col + i * image_columns, columns, work)
         if not c.pointwise:
-            col2im(col, c, b, first, last, <floating*>group_input(gx, c, b, g))
+            col2im(col, c, b, first, last, kernels != NULL and strcmp(kernels.name, b"avx512") == 0,
+                   <floating*>group_input(gx, c, b, g))
 
 
 cdef void backward_weight_chunk(const micro_kernels* kernels, const floating* gy, const floating* x, const Conv* c,
