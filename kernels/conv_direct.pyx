@@ -56,6 +56,8 @@ cdef extern from "direct_conv.h" nogil:
         micro_double_fn short_double_kernels[4]
     ctypedef void (*evens_float_fn)(float* dst, const float* src, int n)
     ctypedef void (*evens_double_fn)(double* dst, const double* src, int n)
+    ctypedef void (*block_out_float_fn)(const float* src, ptrdiff_t src_row, int rows, int cols, const float* add,
+                                        float* dst, ptrdiff_t dst_row)
     ctypedef struct direct_tiles:
         const char* name
         direct_tile_float_fn tile_float
@@ -68,6 +70,7 @@ cdef extern from "direct_conv.h" nogil:
         micro_kernels micro
         evens_float_fn evens_float
         evens_double_fn evens_double
+        block_out_float_fn block_out_float
     int MICRO_NV
     void transpose_float(const float* src, ptrdiff_t src_row, int rows, int cols, const float* add, float* dst,
                          ptrdiff_t dst_row)
@@ -418,8 +421,8 @@ cdef void channel_blocks(const floating* packed, const floating* bias, const Con
                     double_kernel(c.kernel_h, depth, pixel, cl.step, 1, kernel_row, w_block, d.channel_width,
                                   depth * d.channel_width, tile, d.channel_width, 0)
                 if floating is float:
-                    transpose_float(tile, d.channel_width, min(mr, c.out_w - ow), channels, bias_block,
-                                    y_block + (row + r) * c.out_w + ow, plane)
+                    d.tiles.block_out_float(tile, d.channel_width, min(mr, c.out_w - ow), channels, bias_block,
+                                            y_block + (row + r) * c.out_w + ow, plane)
                 else:
                     transpose_double(tile, d.channel_width, min(mr, c.out_w - ow), channels, bias_block,
                                      y_block + (row + r) * c.out_w + ow, plane)

@@ -157,8 +157,8 @@ __attribute__((target("avx2,fma"))) static void evens_double_avx2(double *dst, c
 
 /* dst[j * dst_row + i] = src[i * src_row + j] (+ add[j] unless add is NULL) for i < rows and j < cols: a
  * transposed copy (a micro-kernel block of pixels x output channels to the output's channel planes, the input's
- * channel planes to a channels-last band). SSE2 (every x86-64 CPU has it) moves 4 x 4 floats or 2 x 2 doubles
- * at a time; the edges go one by one. */
+ * channel planes to a channels-last band). SSE2 (every x86-64 CPU has it) moves 4 x 4 floats (the last 1-3
+ * rows of floats as 4 x 4 with zero rows) or 2 x 2 doubles at a time; the other edges go one by one. */
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -188,6 +188,32 @@ static void transpose_float(const float *src, ptrdiff_t src_row, int rows, int c
                 float v = src[k * src_row + j];
                 dst[j * dst_row + k] = add ? v + add[j] : v;
             }
+    }
+    if (i < rows) {  /* the last 1-3 rows (a few input channels): 4 columns at a time, the missing rows zero */
+        int left = rows - i, j = 0;
+        for (; j + 4 <= cols; j += 4) {
+            const float *in = src + i * src_row + j;
+            __m128 r[4] = {_mm_loadu_ps(in), left > 1 ? _mm_loadu_ps(in + src_row) : _mm_setzero_ps(),
+                           left > 2 ? _mm_loadu_ps(in + 2 * src_row) : _mm_setzero_ps(), _mm_setzero_ps()};
+            _MM_TRANSPOSE4_PS(r[0], r[1], r[2], r[3]);
+            for (int k = 0; k < 4; k++) {  /* output row j + k: its first `left` elements */
+                __m128 v = add ? _mm_add_ps(r[k], _mm_set1_ps(add[j + k])) : r[k];
+                float *out = dst + (j + k) * dst_row + i;
+                if (left == 1) {
+                    _mm_store_ss(out, v);
+                } else {
+                    _mm_storel_pi((__m64 *)out, v);
+                    if (left == 3)
+                        _mm_store_ss(out + 2, _mm_movehl_ps(v, v));
+                }
+            }
+        }
+        for (; j < cols; j++)
+            for (int k = i; k < rows; k++) {
+                float v = src[k * src_row + j];
+                dst[j * dst_row + k] = add ? v + add[j] : v;
+            }
+        i = rows;
     }
 #endif
     for (; i < rows; i++)
@@ -225,6 +251,55 @@ static void transpose_double(const double *src, ptrdiff_t src_row, int rows, int
         }
 }
 
+#ifdef DIRECT_X86
+/* transpose_float of a micro-kernel block of 8 pixels x 16 output channels, in registers: 8 rows of 16 to 16
+ * of 8 by unpacks and shuffles within 128-bit lanes, then across lanes (the SSE2 4 x 4 blocks take twice the
+ * instructions). */
+__attribute__((target("avx512f"))) static inline void transpose_8x16_float_avx512(const float *src, ptrdiff_t src_row,
+                                                                                 const float *add, float *dst,
+                                                                                 ptrdiff_t dst_row)
+{
+    __m512 r[8], t[8], u[8];
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_loadu_ps(src + i * src_row);
+        if (add)
+            r[i] = _mm512_add_ps(r[i], _mm512_loadu_ps(add));
+    }
+    for (int i = 0; i < 8; i += 2) {  /* lane L of t[i]: pixels i, i + 1 of channels 4L, 4L + 1; t[i + 1]: 4L + 2, 3 */
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int h = 0; h < 8; h += 4)  /* lane L of u[h + k]: pixels h .. h + 3 of channel 4L + k */
+        for (int k = 0; k < 4; k += 2) {
+            u[h + k] = _mm512_shuffle_ps(t[h + k / 2], t[h + 2 + k / 2], _MM_SHUFFLE(1, 0, 1, 0));
+            u[h + k + 1] = _mm512_shuffle_ps(t[h + k / 2], t[h + 2 + k / 2], _MM_SHUFFLE(3, 2, 3, 2));
+        }
+    for (int k = 0; k < 4; k++)
+        for (int half = 0; half < 2; half++) {  /* channels 8 * half + k (low 256 bits) and 8 * half + 4 + k */
+            __m512 pair = half ? _mm512_shuffle_f32x4(u[k], u[k + 4], _MM_SHUFFLE(3, 2, 3, 2))
+                               : _mm512_shuffle_f32x4(u[k], u[k + 4], _MM_SHUFFLE(1, 0, 1, 0));
+            pair = _mm512_shuffle_f32x4(pair, pair, _MM_SHUFFLE(3, 1, 2, 0));
+            _mm256_storeu_ps(dst + (8 * half + k) * dst_row, _mm512_castps512_ps256(pair));
+            _mm256_storeu_ps(dst + (8 * half + 4 + k) * dst_row,
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(pair), 1)));
+        }
+}
+
+/* transpose_float for the AVX-512 micro-kernels' blocks: blocks of 8 pixels by 8 x 16 in registers, the rest
+ * as transpose_float. */
+__attribute__((target("avx512f"))) static void block_out_float_avx512(const float *src, ptrdiff_t src_row, int rows,
+                                                                      int cols, const float *add, float *dst,
+                                                                      ptrdiff_t dst_row)
+{
+    int j = 0;
+    if (rows == 8)
+        for (; j + 16 <= cols; j += 16)
+            transpose_8x16_float_avx512(src + j, src_row, add ? add + j : NULL, dst + j * dst_row, dst_row);
+    if (j < cols)
+        transpose_float(src + j, src_row, rows, cols - j, add ? add + j : NULL, dst + j * dst_row, dst_row);
+}
+#endif
+
 /* The register tiles in use: a direct plan copies this table once (direct_current), so a switch of tiles
  * (direct_select) never reaches a call already running with buffers sized for the others. */
 typedef struct {
@@ -238,10 +313,12 @@ typedef struct {
     micro_kernels micro;            /* the weight gradient of wide layers: channels x input channels blocks */
     void (*evens_float)(float *, const float *, int);  /* a stride-2 phase of an input row */
     void (*evens_double)(double *, const double *, int);
+    /* transpose_float of the micro-kernels' blocks of pixels x channels, into the output's channel planes */
+    void (*block_out_float)(const float *, ptrdiff_t, int, int, const float *, float *, ptrdiff_t);
 } direct_tiles;
 
 static direct_tiles direct_isa = {"none", NULL, NULL, NULL, NULL, 0, 0, 0, {"none", {NULL}, {NULL}, 0, 0, 0},
-                                  NULL, NULL};
+                                  NULL, NULL, transpose_float};
 
 /* 1 if the CPU runs the named tiles ("avx512", "avx2" or "none"); they are then the ones used. */
 static int direct_select(const char *name)
@@ -253,6 +330,7 @@ static int direct_select(const char *name)
         direct_isa.channels = direct_isa.width_float = direct_isa.width_double = 0;
         direct_isa.micro = micro_find("none");
         direct_isa.evens_float = NULL, direct_isa.evens_double = NULL;
+        direct_isa.block_out_float = transpose_float;
         return 1;
     }
 #ifdef DIRECT_X86
@@ -265,6 +343,7 @@ static int direct_select(const char *name)
         direct_isa.width_float = tile_float_avx512_width, direct_isa.width_double = tile_double_avx512_width;
         direct_isa.micro = micro_find("avx512");
         direct_isa.evens_float = evens_float_avx512, direct_isa.evens_double = evens_double_avx512;
+        direct_isa.block_out_float = block_out_float_avx512;
         return 1;
     }
     if (strcmp(name, "avx2") == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
@@ -275,6 +354,7 @@ static int direct_select(const char *name)
         direct_isa.width_float = tile_float_avx2_width, direct_isa.width_double = tile_double_avx2_width;
         direct_isa.micro = micro_find("avx2");
         direct_isa.evens_float = evens_float_avx2, direct_isa.evens_double = evens_double_avx2;
+        direct_isa.block_out_float = transpose_float;
         return 1;
     }
 #endif
