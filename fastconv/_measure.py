@@ -68,15 +68,17 @@ def race(calls, cap=1.0, min_rounds=3, max_rounds=200, margin=1.25, tie=0.03, fa
     warm up (not timed), then all take turns in rounds, in a new order each round (_round_order), so that a
     change of load hits all of them alike. A turn is `turn` calls of which the last is timed: the first pays
     for what the function before left behind (threads asleep to wake, another library's spinning), which a
-    loop of calls does not see. A function whose fastest call is `far_behind` x slower than the leader's
-    fastest is dropped after two rounds, and after min_rounds one whose fastest call is slower than `margin` x
-    the median of the leader. The race ends when one is left, when those left are within `tie` of each other
+    loop of calls does not see. Each function is judged by its fastest timed call: load from elsewhere only
+    ever slows a call down, and comes in bursts that a few rounds of medians do not average out (a function
+    whose turns met the bursts would lose to a slower one). A function whose fastest call is `far_behind` x
+    the leader's is dropped after two rounds, and after min_rounds one whose fastest call is slower than
+    `margin` x the leader's. The race ends when one is left, when those left are within `tie` of each other
     after 2 x min_rounds and a quarter of `cap` (short calls look tied by chance after a few rounds), after
     max_rounds, or after `cap` seconds of the calls of the functions still racing (a slow one dropped does
     not eat the others' rounds), but not before min_rounds, unless the calls took twice that: slow calls stop
     after a few.
-    Returns ({name: median seconds} of every function that ran, the name of the fastest median among those
-    left); a function that raises is left out (if all raise, the first error is raised)."""
+    Returns ({name: fastest timed call in seconds} of every function that ran, the name of the fastest among
+    those left); a function that raises is left out (if all raise, the first error is raised)."""
     errors, times, spent_on = {}, {}, {}
     for name, fn in calls.items():
         try:
@@ -97,18 +99,18 @@ def race(calls, cap=1.0, min_rounds=3, max_rounds=200, margin=1.25, tie=0.03, fa
                 spent_on[name] += elapsed
             times[name].append(elapsed)
         rounds += 1
-        medians = {name: statistics.median(times[name]) for name in left}
-        leader = min(medians, key=medians.get)
+        fastest = {name: min(times[name]) for name in left}
+        leader = min(fastest, key=fastest.get)
         if rounds == 2:
-            left = [name for name in left if min(times[name]) <= far_behind * min(times[leader])]
+            left = [name for name in left if fastest[name] <= far_behind * fastest[leader]]
         if rounds >= min_rounds:
-            left = [name for name in left if min(times[name]) <= margin * medians[leader]]
+            left = [name for name in left if fastest[name] <= margin * fastest[leader]]
         spent = sum(spent_on[name] for name in left)
         tied = (rounds >= 2 * min_rounds and spent >= cap / 4
-                and max(medians[n] for n in left) <= (1 + tie) * medians[leader])
+                and max(fastest[n] for n in left) <= (1 + tie) * fastest[leader])
         out_of_time = spent >= cap and (rounds >= min_rounds or spent >= 2 * cap)
         if len(left) == 1 or tied or out_of_time or rounds >= max_rounds:
-            return {name: statistics.median(t) for name, t in times.items()}, leader
+            return {name: min(t) for name, t in times.items()}, leader
 
 
 def time_call(fn, budget=0.3, min_repeats=3, max_repeats=100):

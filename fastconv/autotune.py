@@ -154,7 +154,7 @@ def _key(op, params, dtype, requested, candidates, per_thread_count) -> str:
 def choose(op, params, dtype, requested, candidates, trial, per_thread_count=True):
     """The fastest of `candidates` (algorithm names, in the fixed order) for this call: remembered, or raced
     now with trial(name), which runs the call with that algorithm. Returns (name, "remembered" or
-    "measured", {name: median seconds} or None)."""
+    "measured", {name: its fastest call's seconds} or None)."""
     key = _key(op, params, dtype, requested, candidates, per_thread_count)
     with _lock:
         choices = remembered()
@@ -162,12 +162,12 @@ def choose(op, params, dtype, requested, candidates, trial, per_thread_count=Tru
         remeasure = _state["remeasure"]
         if name in candidates and (remeasure is None or key in remeasure):
             return name, "remembered", None
-        medians, name = race({name: (lambda name=name: trial(name)) for name in candidates}, cap=RACE_SECONDS)
+        timings, name = race({name: (lambda name=name: trial(name)) for name in candidates}, cap=RACE_SECONDS)
         choices[key] = name
         if remeasure is not None:
             remeasure.add(key)
         _save(key, name)
-        return name, "measured", medians
+        return name, "measured", timings
 
 
 @contextlib.contextmanager

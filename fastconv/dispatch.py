@@ -187,7 +187,7 @@ def candidates(op, p, dtype, requested, backends, order):
 class Choice:
     """Which algorithm serves a call, and why: "named" (asked for by name), "only" (the one that serves),
     "fixed" (the default order: measuring off, or too small a problem to measure), "remembered" or
-    "measured" (then with each candidate's median time in seconds)."""
+    "measured" (then with each candidate's fastest timed call, in seconds)."""
 
     op: str
     requested: str
@@ -208,7 +208,7 @@ class Choice:
         if len(self.candidates) > 1 and self.how != "measured":
             text += f"; candidates: {', '.join(self.candidates)}"
         if self.timings:
-            text += "; median times: " + ", ".join(f"{name} {seconds * 1e3:.3f} ms"
+            text += "; fastest calls: " + ", ".join(f"{name} {seconds * 1e3:.3f} ms"
                                                   for name, seconds in sorted(self.timings.items(), key=lambda t: t[1]))
         return text
 
