@@ -56,7 +56,7 @@ cdef extern from "direct_conv.h" nogil:
         micro_double_fn short_double_kernels[4]
     ctypedef void (*evens_float_fn)(float* dst, const float* src, int n)
     ctypedef void (*evens_double_fn)(double* dst, const double* src, int n)
-    ctypedef void (*block_out_float_fn)(const float* src, ptrdiff_t src_row, int rows, int cols, const float* add,
+    ctypedef void (*transpose_float_fn)(const float* src, ptrdiff_t src_row, int rows, int cols, const float* add,
                                         float* dst, ptrdiff_t dst_row)
     ctypedef struct direct_tiles:
         const char* name
@@ -70,10 +70,8 @@ cdef extern from "direct_conv.h" nogil:
         micro_kernels micro
         evens_float_fn evens_float
         evens_double_fn evens_double
-        block_out_float_fn block_out_float
+        transpose_float_fn transpose_float
     int MICRO_NV
-    void transpose_float(const float* src, ptrdiff_t src_row, int rows, int cols, const float* add, float* dst,
-                         ptrdiff_t dst_row)
     void transpose_double(const double* src, ptrdiff_t src_row, int rows, int cols, const double* add, double* dst,
                           ptrdiff_t dst_row)
     int direct_select(const char* name)
@@ -250,36 +248,42 @@ cdef ChannelsLast channels_last_plan(const Conv* c, const Direct* d, Py_ssize_t 
     return cl
 
 
-cdef void channels_last_band(const floating* x, const Conv* c, const ChannelsLast* cl, int row, int rows,
-                             floating* band) noexcept nogil:
+cdef void channels_last_band(const floating* x, const Conv* c, const Direct* d, const ChannelsLast* cl, int row,
+                             int rows, floating* band) noexcept nogil:
     """band[i, j, ch] = the zero-padded input of one image and group at row row * stride_h + i, column j (of
     the padding's coordinates), channel ch (zeros past group_in): the input the output rows [row, row + rows)
     read, channels last, so that each pixel's channels are one vector run."""
     cdef int in_rows = (rows - 1) * c.stride_h + (c.kernel_h - 1) * c.dilation_h + 1
     cdef int first = min(cl.band_w, c.pad_left), end = max(first, min(cl.band_w, c.pad_left + c.width))
-    cdef int i, ih, j
+    # a band row is a whole input row (no padding columns): consecutive rows are one run, transposed at once
+    cdef bint whole = first == 0 and cl.band_w == c.width
+    cdef int i = 0, ih, j, count, pixels
     cdef ptrdiff_t row_size = <ptrdiff_t>cl.band_w * cl.in_pad
     cdef floating* dst
     cdef const floating* src
-    for i in range(in_rows):
+    while i < in_rows:
         ih = row * c.stride_h - c.pad_top + i
         dst = band + i * row_size
         if ih < 0 or ih >= c.height:
             memset(dst, 0, row_size * sizeof(floating))
+            i += 1
             continue
+        count = min(in_rows - i, c.height - ih) if whole else 1
+        pixels = count * (end - first)
         memset(dst, 0, first * cl.in_pad * sizeof(floating))
         memset(dst + <ptrdiff_t>end * cl.in_pad, 0, (cl.band_w - end) * cl.in_pad * sizeof(floating))
-        if first < end:
+        if pixels > 0:
             src = x + <Py_ssize_t>ih * c.width + first - c.pad_left
             if floating is float:
-                transpose_float(src, <ptrdiff_t>c.height * c.width, c.group_in, end - first, NULL,
-                                dst + <ptrdiff_t>first * cl.in_pad, cl.in_pad)
+                d.tiles.transpose_float(src, <ptrdiff_t>c.height * c.width, c.group_in, pixels, NULL,
+                                        dst + <ptrdiff_t>first * cl.in_pad, cl.in_pad)
             else:
-                transpose_double(src, <ptrdiff_t>c.height * c.width, c.group_in, end - first, NULL,
+                transpose_double(src, <ptrdiff_t>c.height * c.width, c.group_in, pixels, NULL,
                                  dst + <ptrdiff_t>first * cl.in_pad, cl.in_pad)
         if cl.in_pad > c.group_in:
-            for j in range(first, end):
+            for j in range(first, first + pixels):
                 memset(dst + <ptrdiff_t>j * cl.in_pad + c.group_in, 0, (cl.in_pad - c.group_in) * sizeof(floating))
+        i += count
 
 
 cdef void pack_weight(const floating* w, const Conv* c, int taps, int blocks, int width, bint channels_last,
@@ -384,8 +388,9 @@ cdef void pixel_tiles(const floating* packed, const floating* bias, const Conv* 
 cdef void channel_blocks(const floating* packed, const floating* bias, const Conv* c, const Direct* d,
                          const ChannelsLast* cl, int image, int row, int rows, int g, floating* y,
                          const floating* band, floating* tile) noexcept nogil:
-    """pixel_tiles with the vectors over output channels, on a channels-last band: for each output row and run
-    of mr pixels (mr / 2 for a row's last few, see short_block), one micro-kernel call sums every tap of every
+    """pixel_tiles with the vectors over output channels, on a channels-last band: for each run of pixels (an
+    output row, or all the band's rows at once where their pixels are evenly spaced: cl.merged) and block of mr
+    pixels of it (mr / 2 for a run's last few, see short_block), one micro-kernel call sums every tap of every
     input channel (runs: the kernel rows; depth: a kernel row's columns x input channels, consecutive in the
     band) into a pixels x channels tile, stored transposed."""
     cdef int mr = d.tiles.micro.mr
@@ -393,6 +398,7 @@ cdef void channel_blocks(const floating* packed, const floating* bias, const Con
     cdef micro_double_fn double_kernel
     cdef int lanes = d.tiles.micro.lanes_double if floating is double else d.tiles.micro.lanes_float
     cdef int depth = c.kernel_w * cl.in_pad, block, channels, vectors, first, r, q, ow
+    cdef int runs = 1 if cl.merged else rows, run_pixels = rows * c.out_w if cl.merged else c.out_w
     cdef ptrdiff_t kernel_row = <ptrdiff_t>c.dilation_h * cl.band_w * cl.in_pad
     cdef ptrdiff_t plane = <ptrdiff_t>c.out_h * c.out_w
     cdef floating* y_block
@@ -406,25 +412,25 @@ cdef void channel_blocks(const floating* packed, const floating* bias, const Con
         first = g * c.group_out + block * d.channel_width
         y_block = y + (<Py_ssize_t>image * c.out_channels + first) * plane
         bias_block = bias + first if bias != NULL else NULL
-        for r in range(rows):
-            for q in range(ceil_div(c.out_w, mr)):
+        for r in range(runs):
+            for q in range(ceil_div(run_pixels, mr)):
                 ow = q * mr
                 pixel = band + r * cl.row_step + ow * cl.step
                 if floating is float:
-                    float_kernel = (d.tiles.micro.short_float_kernels[vectors] if short_block(c.out_w - ow, mr)
+                    float_kernel = (d.tiles.micro.short_float_kernels[vectors] if short_block(run_pixels - ow, mr)
                                     else d.tiles.micro.float_kernels[vectors])
                     float_kernel(c.kernel_h, depth, pixel, cl.step, 1, kernel_row, w_block, d.channel_width,
                                  depth * d.channel_width, tile, d.channel_width, 0)
                 else:
-                    double_kernel = (d.tiles.micro.short_double_kernels[vectors] if short_block(c.out_w - ow, mr)
+                    double_kernel = (d.tiles.micro.short_double_kernels[vectors] if short_block(run_pixels - ow, mr)
                                      else d.tiles.micro.double_kernels[vectors])
                     double_kernel(c.kernel_h, depth, pixel, cl.step, 1, kernel_row, w_block, d.channel_width,
                                   depth * d.channel_width, tile, d.channel_width, 0)
                 if floating is float:
-                    d.tiles.block_out_float(tile, d.channel_width, min(mr, c.out_w - ow), channels, bias_block,
+                    d.tiles.transpose_float(tile, d.channel_width, min(mr, run_pixels - ow), channels, bias_block,
                                             y_block + (row + r) * c.out_w + ow, plane)
                 else:
-                    transpose_double(tile, d.channel_width, min(mr, c.out_w - ow), channels, bias_block,
+                    transpose_double(tile, d.channel_width, min(mr, run_pixels - ow), channels, bias_block,
                                      y_block + (row + r) * c.out_w + ow, plane)
 
 
@@ -439,7 +445,7 @@ cdef void direct_unit(const floating* x, const floating* packed, const floating*
     for g in range(c.groups):
         group_x = x + (<Py_ssize_t>image * c.channels + g * c.group_in) * c.height * c.width
         if d.by_channels:
-            channels_last_band(group_x, c, cl, row, rows, band)
+            channels_last_band(group_x, c, d, cl, row, rows, band)
             channel_blocks(packed, bias, c, d, cl, image, row, rows, g, y, band, tile)
         else:
             pad_band(group_x, c, d, row, rows, band)
@@ -840,7 +846,7 @@ cdef void channels_last_weight_unit(const floating* gy, const floating* x, const
     cdef const floating* b
     cdef floating* dst
     for g in range(c.groups):
-        channels_last_band(x + (<Py_ssize_t>image * c.channels + g * c.group_in) * c.height * c.width, c, cl, row,
+        channels_last_band(x + (<Py_ssize_t>image * c.channels + g * c.group_in) * c.height * c.width, c, d, cl, row,
                            rows, band)
         for block in range(cl.out_pad // cl.mr):
             channels = min(cl.mr, c.group_out - block * cl.mr)
@@ -918,11 +924,12 @@ cdef void output_vector_weight_unit(const floating* gy, const floating* x, const
     cdef const floating* a
     cdef floating* dst
     for g in range(c.groups):
-        channels_last_band(x + (<Py_ssize_t>image * c.channels + g * c.group_in) * c.height * c.width, c, cl, row,
+        channels_last_band(x + (<Py_ssize_t>image * c.channels + g * c.group_in) * c.height * c.width, c, d, cl, row,
                            rows, band)
         group_gy = gy + ((<Py_ssize_t>image * c.out_channels + g * c.group_out) * c.out_h + row) * c.out_w
         if floating is float:
-            transpose_float(group_gy, <ptrdiff_t>c.out_h * c.out_w, c.group_out, rows * c.out_w, NULL, grads, out_pad)
+            d.tiles.transpose_float(group_gy, <ptrdiff_t>c.out_h * c.out_w, c.group_out, rows * c.out_w, NULL, grads,
+                                    out_pad)
         else:
             transpose_double(group_gy, <ptrdiff_t>c.out_h * c.out_w, c.group_out, rows * c.out_w, NULL, grads,
                              out_pad)

@@ -285,18 +285,22 @@ __attribute__((target("avx512f"))) static inline void transpose_8x16_float_avx51
         }
 }
 
-/* transpose_float for the AVX-512 micro-kernels' blocks: blocks of 8 pixels by 8 x 16 in registers, the rest
- * as transpose_float. */
-__attribute__((target("avx512f"))) static void block_out_float_avx512(const float *src, ptrdiff_t src_row, int rows,
+/* transpose_float on AVX-512: blocks of 8 rows by 16 columns in registers, the rest as transpose_float. */
+__attribute__((target("avx512f"))) static void transpose_float_avx512(const float *src, ptrdiff_t src_row, int rows,
                                                                       int cols, const float *add, float *dst,
                                                                       ptrdiff_t dst_row)
 {
-    int j = 0;
-    if (rows == 8)
+    int i = 0;
+    for (; i + 8 <= rows; i += 8) {
+        const float *in = src + i * src_row;
+        int j = 0;
         for (; j + 16 <= cols; j += 16)
-            transpose_8x16_float_avx512(src + j, src_row, add ? add + j : NULL, dst + j * dst_row, dst_row);
-    if (j < cols)
-        transpose_float(src + j, src_row, rows, cols - j, add ? add + j : NULL, dst + j * dst_row, dst_row);
+            transpose_8x16_float_avx512(in + j, src_row, add ? add + j : NULL, dst + j * dst_row + i, dst_row);
+        if (j < cols)
+            transpose_float(in + j, src_row, 8, cols - j, add ? add + j : NULL, dst + j * dst_row + i, dst_row);
+    }
+    if (i < rows)
+        transpose_float(src + i * src_row, src_row, rows - i, cols, add, dst + i, dst_row);
 }
 #endif
 
@@ -313,8 +317,8 @@ typedef struct {
     micro_kernels micro;            /* the weight gradient of wide layers: channels x input channels blocks */
     void (*evens_float)(float *, const float *, int);  /* a stride-2 phase of an input row */
     void (*evens_double)(double *, const double *, int);
-    /* transpose_float of the micro-kernels' blocks of pixels x channels, into the output's channel planes */
-    void (*block_out_float)(const float *, ptrdiff_t, int, int, const float *, float *, ptrdiff_t);
+    /* transpose_float in this instruction set's vectors */
+    void (*transpose_float)(const float *, ptrdiff_t, int, int, const float *, float *, ptrdiff_t);
 } direct_tiles;
 
 static direct_tiles direct_isa = {"none", NULL, NULL, NULL, NULL, 0, 0, 0, {"none", {NULL}, {NULL}, 0, 0, 0},
@@ -330,7 +334,7 @@ static int direct_select(const char *name)
         direct_isa.channels = direct_isa.width_float = direct_isa.width_double = 0;
         direct_isa.micro = micro_find("none");
         direct_isa.evens_float = NULL, direct_isa.evens_double = NULL;
-        direct_isa.block_out_float = transpose_float;
+        direct_isa.transpose_float = transpose_float;
         return 1;
     }
 #ifdef DIRECT_X86
@@ -343,7 +347,7 @@ static int direct_select(const char *name)
         direct_isa.width_float = tile_float_avx512_width, direct_isa.width_double = tile_double_avx512_width;
         direct_isa.micro = micro_find("avx512");
         direct_isa.evens_float = evens_float_avx512, direct_isa.evens_double = evens_double_avx512;
-        direct_isa.block_out_float = block_out_float_avx512;
+        direct_isa.transpose_float = transpose_float_avx512;
         return 1;
     }
     if (strcmp(name, "avx2") == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
@@ -354,7 +358,7 @@ static int direct_select(const char *name)
         direct_isa.width_float = tile_float_avx2_width, direct_isa.width_double = tile_double_avx2_width;
         direct_isa.micro = micro_find("avx2");
         direct_isa.evens_float = evens_float_avx2, direct_isa.evens_double = evens_double_avx2;
-        direct_isa.block_out_float = transpose_float;
+        direct_isa.transpose_float = transpose_float;
         return 1;
     }
 #endif

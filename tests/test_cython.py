@@ -224,6 +224,13 @@ CHANNEL_VECTOR_CASES = [
     dict(x_shape=(2, 30, 9, 15), w_shape=(100, 30, 2, 3), stride=(1, 2), padding=(0, 1), dilation=(2, 1), groups=1,
          bias=True),
     dict(x_shape=(1, 64, 9, 13), w_shape=(64, 64, 1, 1), stride=1, padding=0, dilation=1, groups=1, bias=False),
+    # one run over every pixel of a band (1x1 and k x 1 layers, no padding columns): bands of several rows
+    # (batch 1), runs ending in a short block or a partial one, rows of padding, groups, input channels past
+    # whole blocks of 8
+    dict(x_shape=(1, 72, 23, 19), w_shape=(40, 72, 1, 1), stride=1, padding=0, dilation=1, groups=1, bias=True),
+    dict(x_shape=(3, 130, 7, 5), w_shape=(34, 65, 1, 1), stride=1, padding=0, dilation=1, groups=2, bias=True),
+    dict(x_shape=(2, 37, 10, 16), w_shape=(48, 37, 3, 1), stride=1, padding=(1, 0), dilation=1, groups=1,
+         bias=False),
 ]
 
 
@@ -247,6 +254,16 @@ def test_forward_by_output_channels_against_oracle(vector_isa, dtype):
                 results.append(fastconv.conv2d(*cast, **kw, backend="cython:direct"))
         assert rel_err(results[0], ref) <= TOLERANCE[dtype], case
         np.testing.assert_array_equal(results[0], results[1])
+
+
+# Weight gradients whose vectors run over input channels, on bands of whole input rows transposed at once
+# (1x1 and k x 1 layers, no padding columns): several bands per image, input channels padded to whole vectors,
+# rows of padding.
+INPUT_VECTOR_WEIGHT_CASES = [
+    dict(x_shape=(1, 40, 31, 17), w_shape=(24, 40, 1, 1), stride=1, padding=0, dilation=1, groups=1, bias=False),
+    dict(x_shape=(2, 20, 9, 11), w_shape=(13, 20, 3, 1), stride=1, padding=(1, 0), dilation=1, groups=1,
+         bias=False),
+]
 
 
 # Weight gradients of narrow groups with many output channels, whose vectors run over output channels: terms
@@ -279,7 +296,8 @@ COLUMN_WEIGHT_CASES = [
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("vectors, cases", [("output channels", OUTPUT_VECTOR_WEIGHT_CASES),
+@pytest.mark.parametrize("vectors, cases", [("input channels", INPUT_VECTOR_WEIGHT_CASES),
+                                            ("output channels", OUTPUT_VECTOR_WEIGHT_CASES),
                                             ("columns", COLUMN_WEIGHT_CASES)])
 def test_weight_gradient_paths_against_oracle(vector_isa, dtype, vectors, cases):
     conv = _cython()._conv_direct
