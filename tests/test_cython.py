@@ -391,28 +391,37 @@ def test_unknown_register_tiles_are_refused():
     assert conv.vector_isa() == default
 
 
-def test_blas_runs_on_the_kernels_threads_only(monkeypatch):
-    """Inside a kernel, BLAS is single-threaded whatever the thread setting (with 1 thread too): the
-    kernel's own parallel region is what applies the setting."""
+@pytest.mark.parametrize("algorithm", ["direct", "gemm"])
+def test_blas_runs_on_the_kernels_threads_only(monkeypatch, algorithm):
+    """Inside a kernel that calls BLAS (the GEMM algorithm on BLAS: a CPU without AVX2), BLAS is
+    single-threaded whatever the thread setting (with 1 thread too): the kernel's own parallel region is what
+    applies the setting. The kernels that never call it leave BLAS's limits as the user set them."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
     backend, seen = _cython(), []
     convolve = backend._convolve
+    gemm_isa = backend._conv_gemm.vector_isa()
 
-    def spying(kernel, p, *arrays):  # records BLAS's thread count as each kernel starts
+    def spying(kernel, p, calls_blas, *arrays):  # records BLAS's thread count as each kernel starts
         def call(*args):
             seen.append(max(pool["num_threads"] for pool in threadpoolctl.threadpool_info()
                             if pool["user_api"] == "blas"))
             return kernel(*args)
-        return convolve(call, p, *arrays)
+        return convolve(call, p, calls_blas, *arrays)
 
     monkeypatch.setattr(backend, "_convolve", spying)
     rng = np.random.default_rng(7)
     x, w = rng.standard_normal((4, 16, 20, 20)), rng.standard_normal((16, 16, 3, 3))  # above the serial cut
-    for threads in (1, 2):
-        with fastconv.threads(threads):
-            y = fastconv.conv2d(x, w, stride=2, backend="cython")
-            fastconv.conv2d_backward(y, x, w, stride=2, backend="cython")
-    assert len(seen) == 6 and max(seen) == 1, seen
+    try:
+        if algorithm == "gemm":
+            backend._conv_gemm.use_vector_isa("none")
+        with threadpoolctl.threadpool_limits(2, user_api="blas"):
+            for threads in (1, 2):
+                with fastconv.threads(threads):
+                    y = fastconv.conv2d(x, w, stride=2, backend=f"cython:{algorithm}")
+                    fastconv.conv2d_backward(y, x, w, stride=2, backend=f"cython:{algorithm}")
+    finally:
+        backend._conv_gemm.use_vector_isa(gemm_isa)
+    assert seen == [1 if algorithm == "gemm" else 2] * 6, seen
 
 
 def test_shapes_past_c_int_indexing_are_refused_with_the_reason():

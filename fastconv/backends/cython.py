@@ -9,9 +9,12 @@ F(2x2, 3x3), on the same micro-kernels) and `pool` (max-pooling, parallel over t
 and 3x3/2 window rows in AVX-512 where the CPU has it).
 Results are bitwise identical with any thread count.
 
-BLAS is kept single-threaded inside the parallel regions: a convolution call limits every loaded BLAS
-(NumPy's and SciPy's OpenBLAS alike) to one thread and restores the previous limits when it returns.
+BLAS is kept single-threaded inside the parallel regions: a call of the GEMM algorithm on BLAS (a CPU
+without AVX2) limits every loaded BLAS (NumPy's and SciPy's OpenBLAS alike) to one thread and restores the
+previous limits when it returns. The other calls never reach BLAS and leave its limits alone: setting them
+costs microseconds and can wake OpenBLAS's threads, which then spin beside the kernel's.
 """
+import contextlib
 import math
 
 import numpy as np
@@ -37,23 +40,24 @@ def describe():
             f"{_pool.vector_isa()}, BLAS scipy.linalg.cython_blas")
 
 
-def _convolve(kernel, p, *arrays):
-    """Run a convolution kernel, with BLAS single-threaded inside it (the thread setting is applied by the
-    kernel's own parallel region: BLAS must not add threads of its own, even on one thread)."""
+def _convolve(kernel, p, calls_blas, *arrays):
+    """Run a convolution kernel; where it calls BLAS, with BLAS single-threaded inside it (the thread setting
+    is applied by the kernel's own parallel region: BLAS must not add threads of its own, even on one
+    thread)."""
     if is_tiny(p.work):  # no parallel region, and GEMMs below OpenBLAS's own threading threshold
         kernel(*arrays, p, 1)
         return
-    with single_threaded_blas():
+    with single_threaded_blas() if calls_blas else contextlib.nullcontext():
         kernel(*arrays, p, threads_for(p.work))
 
 
-def _filling(kernel, shape):
+def _filling(kernel, shape, calls_blas):
     """An op's function: a new array of the params' `shape` ("output_shape", ...), filled by the compiled
-    kernel from the op's arrays."""
+    kernel from the op's arrays; calls_blas() tells whether the kernel's GEMMs run on BLAS."""
     def op(*arrays_and_params):
         *arrays, p = arrays_and_params
         out = np.empty(getattr(p, shape), arrays[0].dtype)
-        _convolve(kernel, p, *arrays, out)
+        _convolve(kernel, p, calls_blas(), *arrays, out)
         return out
 
     return op
@@ -101,11 +105,11 @@ def _direct_applicable(op, p, dtype):
     return None
 
 
-def _convolutions(kernels):
+def _convolutions(kernels, calls_blas):
     """The three convolution ops of a compiled module (its forward, backward_input and backward_weight)."""
-    return {"conv2d_forward": _filling(kernels.forward, "output_shape"),
-            "conv2d_backward_input": _filling(kernels.backward_input, "input_shape"),
-            "conv2d_backward_weight": _filling(kernels.backward_weight, "weight_shape")}
+    return {"conv2d_forward": _filling(kernels.forward, "output_shape", calls_blas),
+            "conv2d_backward_input": _filling(kernels.backward_input, "input_shape", calls_blas),
+            "conv2d_backward_weight": _filling(kernels.backward_weight, "weight_shape", calls_blas)}
 
 
 def _winograd_applicable(op, p, dtype):
@@ -140,7 +144,8 @@ def _winograd(m):
             "conv2d_backward_weight": op("conv2d_backward_weight", _conv_winograd.backward_weight, "weight_shape")}
 
 
-_EXACT = {"direct": _convolutions(_conv_direct), "gemm": _convolutions(_conv_gemm)}
+_EXACT = {"direct": _convolutions(_conv_direct, lambda: False),
+          "gemm": _convolutions(_conv_gemm, lambda: _conv_gemm.vector_isa() == "none")}
 
 ALGORITHMS = (
     Algorithm("direct", _EXACT["direct"], _direct_applicable),
