@@ -80,6 +80,25 @@ def test_blocks_against_oracle(x_shape, w_shape, kw):
         assert rel_err(got, ref) <= 1e-12
 
 
+# Forwards of the GEMM algorithm whose blocks hold several images of at least STRAIGHT_COLUMNS output pixels
+# each (batch 16: two images per block), multiplied image by image straight into the output: bias, groups, a
+# last block of one image (batch 17).
+@pytest.mark.parametrize("x_shape, w_shape, kw", [
+    ((16, 3, 16, 16), (5, 3, 3, 3), dict(padding=1)),
+    ((17, 4, 18, 17), (6, 2, 3, 3), dict(padding=(1, 0), groups=2)),
+])
+def test_gemm_forward_of_blocks_of_wide_images_against_oracle(x_shape, w_shape, kw):
+    _cython()
+    rng = np.random.default_rng(3)
+    x, w, b = rng.standard_normal(x_shape), rng.standard_normal(w_shape), rng.standard_normal(w_shape[0])
+    ref = fastconv.conv2d(x, w, b, **kw, backend="naive")
+    for threads in (1, 2):
+        with fastconv.threads(threads):
+            assert rel_err(fastconv.conv2d(x, w, b, **kw, backend="cython:gemm"), ref) <= 1e-12
+            got32 = fastconv.conv2d(*(a.astype(np.float32) for a in (x, w, b)), **kw, backend="cython:gemm")
+            assert rel_err(got32, ref) <= 1e-5
+
+
 def test_float32_weight_gradient_of_a_large_layer():
     """64x64x32x32 -> 64, 3x3, pad 1: 65,536 terms per weight, in float32 within 1e-5 of float64."""
     _cython()
