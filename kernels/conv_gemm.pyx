@@ -296,7 +296,7 @@ cdef enum:
 cdef void forward_block(const micro_kernels* kernels, const floating* x, const floating* w, const floating* bias,
                         const Conv* c, Block b, floating* y, floating* col, floating* out,
                         floating* work) noexcept nogil:
-    cdef int columns = b.images * b.rows * c.out_w, g, ldb, ldc, i
+    cdef int columns = b.images * b.rows * c.out_w, g, ldb, i
     cdef const floating* cols
     cdef floating* target
     cdef Block one
@@ -306,7 +306,7 @@ cdef void forward_block(const micro_kernels* kernels, const floating* x, const f
         else:
             im2col(group_input(x, c, b, g), c, b, col)
             cols, ldb = col, columns
-        if b.images > 1 and b.rows * c.out_w >= STRAIGHT_COLUMNS:  # each image's GEMM straight into y
+        if b.images == 1 or b.rows * c.out_w >= STRAIGHT_COLUMNS:  # each image's GEMM straight into y
             one = b
             one.images = 1
             for i in range(b.images):
@@ -316,14 +316,10 @@ cdef void forward_block(const micro_kernels* kernels, const floating* x, const f
                        w + <Py_ssize_t>g * c.group_out * c.k, c.k, cols + i * b.rows * c.out_w, ldb, False, target,
                        c.out_h * c.out_w, work)
                 store_output(target, c.out_h * c.out_w, bias, c, one, g, y)
-            continue
-        if b.images == 1:
-            target, ldc = y + output_offset(c, b, g), c.out_h * c.out_w
-        else:
-            target, ldc = out, columns
-        matmul(kernels, False, False, c.group_out, columns, c.k, w + <Py_ssize_t>g * c.group_out * c.k, c.k,
-               cols, ldb, False, target, ldc, work)
-        store_output(target, ldc, bias, c, b, g, y)
+        else:  # narrow images: one GEMM over the block, through the buffer
+            matmul(kernels, False, False, c.group_out, columns, c.k, w + <Py_ssize_t>g * c.group_out * c.k, c.k,
+                   cols, ldb, False, out, columns, work)
+            store_output(out, columns, bias, c, b, g, y)
 
 
 cdef void backward_input_block(const micro_kernels* kernels, const floating* gy, const floating* w, const Conv* c,
