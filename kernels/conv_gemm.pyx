@@ -181,18 +181,24 @@ cdef void im2col(const floating* x, const Conv* c, Block b, floating* col) noexc
                     src = x + (i * c.channels + ch) * plane + offset
                     ih = b.row * c.stride_h - c.pad_top + kh * c.dilation_h  # input row of output row r = 0
                     if runs and low < high:  # rows [first, end) are inside the input: copy them at once,
-                        # then zero the edges (a tap with no valid column reads nothing: the run would start or
-                        # end outside the plane)
+                        # from the first valid column of the first to the last of the last (the run stays inside
+                        # the plane), zero what comes before and after, then the edge columns the run wrapped
+                        # through, column by column
                         first = clamp(-ih, 0, b.rows)
                         end = clamp(c.height - ih, first, b.rows)
-                        for j in range(first * c.out_w + low, (end - 1) * c.out_w + high):
-                            dst[j] = src[ih * c.width + j]
-                        for r in range(b.rows):
-                            if r < first or r >= end:
-                                zero(dst + r * c.out_w, 0, c.out_w)
-                            else:
-                                zero(dst + r * c.out_w, 0, low)
-                                zero(dst + r * c.out_w, high, c.out_w)
+                        if first == end:
+                            zero(dst, 0, b.rows * c.out_w)
+                        else:
+                            zero(dst, 0, first * c.out_w + low)
+                            for j in range(first * c.out_w + low, (end - 1) * c.out_w + high):
+                                dst[j] = src[ih * c.width + j]
+                            zero(dst, (end - 1) * c.out_w + high, b.rows * c.out_w)
+                            for ow in range(low):
+                                for r in range(first + 1, end):
+                                    dst[r * c.out_w + ow] = 0
+                            for ow in range(high, c.out_w):
+                                for r in range(first, end - 1):
+                                    dst[r * c.out_w + ow] = 0
                         dst += b.rows * c.out_w
                         continue
                     for r in range(b.rows):
