@@ -5,8 +5,11 @@
  * zero-padded at the edges, whose blocks go through a small tile: nothing is read or written outside the
  * matrices.
  *
- *     c[i * c_row + j] = (accumulate ? c[i * c_row + j] : 0) + sum over p < depth of A[i, p] * B[p, j]
- *     A[i, p] = a[i * a_row + p * a_col],  B[p, j] = b[p * b_row + j * b_col],  i < m, j < n
+ *     C[i, j] = (accumulate ? C[i, j] : 0) + sum over p < depth of A[i, p] * B[p, j],  i < m, j < n
+ *     A[i, p] = a[i * a_row + p * a_col],  B[p, j] = b[p * b_row + j * b_col],  C[i, j] = c[i * c_row + j]
+ *
+ * with B's and C's columns in runs of `segment` where the matrices are several images side by side (see
+ * blocked_gemm_float in blocked_gemm_body.h).
  *
  * Each result adds its terms in p order within a block of GEMM_KC, the blocks in order: the bits of a result
  * depend on the shapes only. `work` holds GEMM_WORK elements. */

@@ -35,9 +35,10 @@ cdef extern from "blocked_gemm.h" nogil:
         const char* name
     micro_kernels micro_find(const char* name)
     void blocked_gemm_float(const micro_kernels*, int, int, int, const float*, ptrdiff_t, ptrdiff_t, const float*,
-                            ptrdiff_t, ptrdiff_t, int, float*, ptrdiff_t, float*)
+                            ptrdiff_t, ptrdiff_t, int, ptrdiff_t, int, float*, ptrdiff_t, ptrdiff_t, float*)
     void blocked_gemm_double(const micro_kernels*, int, int, int, const double*, ptrdiff_t, ptrdiff_t,
-                             const double*, ptrdiff_t, ptrdiff_t, int, double*, ptrdiff_t, double*)
+                             const double*, ptrdiff_t, ptrdiff_t, int, ptrdiff_t, int, double*, ptrdiff_t, ptrdiff_t,
+                             double*)
     int GEMM_WORK
 
 cdef extern from "col_rows.h" nogil:
@@ -94,12 +95,13 @@ cdef struct Block:
 
 
 
-cdef Plan make_plan(const Conv* c, Py_ssize_t itemsize):
-    """Blocks of about BLOCK_BYTES of columns, at least MIN_UNITS of them where the batch is small."""
+cdef Plan make_plan(const Conv* c, Py_ssize_t itemsize, bint pointwise_images):
+    """Blocks of about BLOCK_BYTES of columns, at least MIN_UNITS of them where the batch is small; a pointwise
+    block is one image unless `pointwise_images` (its GEMMs take several images side by side)."""
     cdef Plan plan
     cdef Py_ssize_t image_bytes = <Py_ssize_t>c.k * c.out_h * c.out_w * itemsize
     plan.images, plan.bands = 1, 1
-    if c.pointwise or image_bytes > BLOCK_BYTES:
+    if (c.pointwise and not pointwise_images) or image_bytes > BLOCK_BYTES:
         plan.bands = <int>((image_bytes + BLOCK_BYTES - 1) // BLOCK_BYTES)
     else:
         plan.images = <int>max(1, min(BLOCK_BYTES // image_bytes, c.batch // MIN_UNITS))
@@ -150,16 +152,24 @@ cdef inline void zero(floating* a, int start, int end) noexcept nogil:
 
 cdef inline void matmul(const micro_kernels* kernels, bint trans_a, bint trans_b, int m, int n, int k,
                         const floating* a, int lda, const floating* b, int ldb, bint accumulate, floating* c,
-                        int ldc, floating* work) noexcept nogil:
-    """Row-major C = op(A) @ op(B) (+ C if accumulate), by the micro-kernels or, with kernels NULL, BLAS."""
+                        int ldc, floating* work, int images=1, ptrdiff_t b_image=0,
+                        ptrdiff_t c_image=0) noexcept nogil:
+    """Row-major C = op(A) @ op(B) (+ C if accumulate), by the micro-kernels or, with kernels NULL, BLAS; for
+    `images` side by side, image i's n columns of op(B) and C at b + i * b_image and c + i * c_image (one GEMM
+    on the micro-kernels, BLAS image by image)."""
     cdef ptrdiff_t a_row = 1 if trans_a else lda, a_col = lda if trans_a else 1
     cdef ptrdiff_t b_row = 1 if trans_b else ldb, b_col = ldb if trans_b else 1
+    cdef int i
     if kernels == NULL:
-        gemm(trans_a, trans_b, m, n, k, a, lda, b, ldb, 1 if accumulate else 0, c, ldc)
+        for i in range(images):
+            gemm(trans_a, trans_b, m, n, k, a, lda, b + i * b_image, ldb, 1 if accumulate else 0, c + i * c_image,
+                 ldc)
     elif floating is float:
-        blocked_gemm_float(kernels, m, n, k, a, a_row, a_col, b, b_row, b_col, accumulate, c, ldc, work)
+        blocked_gemm_float(kernels, m, images * n, k, a, a_row, a_col, b, b_row, b_col, n, b_image, accumulate, c,
+                           ldc, c_image, work)
     else:
-        blocked_gemm_double(kernels, m, n, k, a, a_row, a_col, b, b_row, b_col, accumulate, c, ldc, work)
+        blocked_gemm_double(kernels, m, images * n, k, a, a_row, a_col, b, b_row, b_col, n, b_image, accumulate, c,
+                            ldc, c_image, work)
 
 
 cdef void im2col(const floating* x, const Conv* c, Block b, floating* col) noexcept nogil:
@@ -268,9 +278,10 @@ cdef const floating* output_rows(const floating* a, const Conv* c, Block b, int 
     return buffer
 
 
-cdef void store_output(const floating* block_out, int ld, const floating* bias, const Conv* c, Block b, int g,
-                       floating* y) noexcept nogil:
-    """y's block rows of group g = block_out (+ bias); block_out may already be those rows of y."""
+cdef void store_output(const floating* block_out, ptrdiff_t channel_step, ptrdiff_t image_step, const floating* bias,
+                       const Conv* c, Block b, int g, floating* y) noexcept nogil:
+    """y's block rows of group g = block_out (+ bias), whose rows of channel co of image i start at
+    block_out + co * channel_step + i * image_step: a buffer, or those rows of y themselves."""
     cdef Py_ssize_t image_rows = <Py_ssize_t>b.rows * c.out_w, image_size = <Py_ssize_t>c.out_h * c.out_w
     cdef floating shift
     cdef floating* dst
@@ -281,7 +292,7 @@ cdef void store_output(const floating* block_out, int ld, const floating* bias, 
         shift = bias[g * c.group_out + co] if bias != NULL else 0
         for i in range(b.images):
             dst = y + output_offset(c, b, g) + (i * c.out_channels + co) * image_size
-            src = block_out + <Py_ssize_t>co * ld + i * image_rows
+            src = block_out + co * channel_step + i * image_step
             if src == dst and bias == NULL:
                 continue
             for j in range(image_rows):
@@ -302,30 +313,34 @@ cdef enum:
 cdef void forward_block(const micro_kernels* kernels, const floating* x, const floating* w, const floating* bias,
                         const Conv* c, Block b, floating* y, floating* col, floating* out,
                         floating* work) noexcept nogil:
-    cdef int columns = b.images * b.rows * c.out_w, g, ldb, i
-    cdef const floating* cols
+    cdef int image_columns = b.rows * c.out_w, columns = b.images * image_columns, g, i
+    cdef Py_ssize_t out_plane = <Py_ssize_t>c.out_h * c.out_w, plane = <Py_ssize_t>c.height * c.width
+    cdef const floating* weights
     cdef floating* target
     cdef Block one
     for g in range(c.groups):
-        if c.pointwise:  # one image, and its output rows are its input rows
-            cols, ldb = group_input(x, c, b, g) + b.row * c.width, c.height * c.width
-        else:
-            im2col(group_input(x, c, b, g), c, b, col)
-            cols, ldb = col, columns
-        if b.images == 1 or b.rows * c.out_w >= STRAIGHT_COLUMNS:  # each image's GEMM straight into y
+        weights = w + <Py_ssize_t>g * c.group_out * c.k
+        target = y + output_offset(c, b, g)
+        if c.pointwise:  # the output rows are the input rows: one GEMM of x's images side by side, into y
+            matmul(kernels, False, False, c.group_out, image_columns, c.k, weights, c.k,
+                   group_input(x, c, b, g) + b.row * c.width, <int>plane, False, target, out_plane, work, b.images,
+                   c.channels * plane, c.out_channels * out_plane)
+            store_output(target, out_plane, c.out_channels * out_plane, bias, c, b, g, y)
+            continue
+        im2col(group_input(x, c, b, g), c, b, col)
+        if b.images == 1 or image_columns >= STRAIGHT_COLUMNS:  # each image's GEMM straight into y
             one = b
             one.images = 1
             for i in range(b.images):
                 one.image = b.image + i
                 target = y + output_offset(c, one, g)
-                matmul(kernels, False, False, c.group_out, b.rows * c.out_w, c.k,
-                       w + <Py_ssize_t>g * c.group_out * c.k, c.k, cols + i * b.rows * c.out_w, ldb, False, target,
-                       c.out_h * c.out_w, work)
-                store_output(target, c.out_h * c.out_w, bias, c, one, g, y)
+                matmul(kernels, False, False, c.group_out, image_columns, c.k, weights, c.k,
+                       col + i * image_columns, columns, False, target, out_plane, work)
+                store_output(target, out_plane, 0, bias, c, one, g, y)
         else:  # narrow images: one GEMM over the block, through the buffer
-            matmul(kernels, False, False, c.group_out, columns, c.k, w + <Py_ssize_t>g * c.group_out * c.k, c.k,
-                   cols, ldb, False, out, columns, work)
-            store_output(out, columns, bias, c, b, g, y)
+            matmul(kernels, False, False, c.group_out, columns, c.k, weights, c.k, col, columns, False, out,
+                   columns, work)
+            store_output(out, columns, image_columns, bias, c, b, g, y)
 
 
 cdef void backward_input_block(const micro_kernels* kernels, const floating* gy, const floating* w, const Conv* c,
@@ -333,7 +348,7 @@ cdef void backward_input_block(const micro_kernels* kernels, const floating* gy,
     cdef int first, last, g, i
     cdef Block b = input_band(c, plan, t, &first, &last)
     cdef int image_columns = b.rows * c.out_w, columns = b.images * image_columns
-    cdef Py_ssize_t plane = <Py_ssize_t>c.height * c.width
+    cdef Py_ssize_t plane = <Py_ssize_t>c.height * c.width, out_plane = <Py_ssize_t>c.out_h * c.out_w
     cdef const floating* gy_rows
     cdef floating* gx_image = gx + <Py_ssize_t>b.image * c.channels * plane
     if not c.pointwise:  # col2im adds into gx; pointwise GEMMs write it whole
@@ -341,17 +356,17 @@ cdef void backward_input_block(const micro_kernels* kernels, const floating* gy,
             memset(gx_image + i * plane + first * c.width, 0, (last - first) * c.width * sizeof(floating))
         if columns == 0:  # these input rows only meet padding... of no output: their gradient is zero
             return
-    for g in range(c.groups):
-        for i in range(b.images):  # each image's grad_output rows in place (a pointwise block is one image)
-            gy_rows = gy + output_offset(c, b, g) + <Py_ssize_t>i * c.out_channels * c.out_h * c.out_w
-            if c.pointwise:
-                matmul(kernels, True, False, c.k, columns, c.group_out, w + <Py_ssize_t>g * c.group_out * c.k,
-                       c.k, gy_rows, c.out_h * c.out_w, False,
-                       <floating*>group_input(gx, c, b, g) + b.row * c.width, <int>plane, work)
-            else:
-                matmul(kernels, True, False, c.k, image_columns, c.group_out,
-                       w + <Py_ssize_t>g * c.group_out * c.k, c.k, gy_rows, c.out_h * c.out_w, False,
-                       col + i * image_columns, columns, work)
+    for g in range(c.groups):  # the images' grad_output rows in place
+        gy_rows = gy + output_offset(c, b, g)
+        if c.pointwise:  # one GEMM of the images side by side, into gx
+            matmul(kernels, True, False, c.k, image_columns, c.group_out, w + <Py_ssize_t>g * c.group_out * c.k,
+                   c.k, gy_rows, out_plane, False, <floating*>group_input(gx, c, b, g) + b.row * c.width,
+                   <int>plane, work, b.images, c.out_channels * out_plane, c.channels * plane)
+            continue
+        for i in range(b.images):
+            matmul(kernels, True, False, c.k, image_columns, c.group_out, w + <Py_ssize_t>g * c.group_out * c.k,
+                   c.k, gy_rows + i * c.out_channels * out_plane, out_plane, False, col + i * image_columns,
+                   columns, work)
         if not c.pointwise:
             col2im(col, c, b, first, last, kernels != NULL and strcmp(kernels.name, b"avx512") == 0,
                    <floating*>group_input(gx, c, b, g))
@@ -398,7 +413,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w, cons
     """y = conv2d(x, w) + bias (bias may be None), by im2col + GEMM."""
     cdef Conv c = geometry(p)
     cdef const floating* bias_ptr = bias_pointer(bias)
-    cdef Plan plan = make_plan(&c, sizeof(floating))
+    cdef Plan plan = make_plan(&c, sizeof(floating), True)
     cdef micro_kernels chosen
     cdef const micro_kernels* kernels = gemm_kernels(&chosen)
     cdef floating[:, ::1] workspace = aligned_rows(threads, workspace_size(&c, &plan, True), np.asarray(y).dtype,
@@ -416,7 +431,7 @@ def backward_input(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1]
                    p, int threads):
     """gx = the gradient of conv2d with respect to its input, by GEMM + col2im."""
     cdef Conv c = geometry(p)
-    cdef Plan plan = make_plan(&c, sizeof(floating))
+    cdef Plan plan = make_plan(&c, sizeof(floating), True)
     cdef micro_kernels chosen
     cdef const micro_kernels* kernels = gemm_kernels(&chosen)
     cdef int first, last, t
@@ -437,7 +452,7 @@ def backward_weight(const floating[:, :, :, ::1] gy, const floating[:, :, :, ::1
     """gw = the gradient of conv2d with respect to its weight: one partial per fixed run of blocks (never per
     thread), the partials then added in their order."""
     cdef Conv c = geometry(p)
-    cdef Plan plan = make_plan(&c, sizeof(floating))
+    cdef Plan plan = make_plan(&c, sizeof(floating), False)
     cdef micro_kernels chosen
     cdef const micro_kernels* kernels = gemm_kernels(&chosen)
     cdef int chunks = min(plan.blocks, WEIGHT_PARTIALS), chunk

@@ -356,8 +356,13 @@ def test_direct_path_bitwise_identical_with_1_and_2_threads(vector_isa):
 
 # GEMMs past each edge of blocked_gemm.h's blocking: rows not a multiple of a micro-kernel's (8 or 4), columns
 # past a block (480) with a ragged last panel, depths past a block (256), and weight gradients whose B is
-# stored by columns and much wider than A (the transposed product).
+# stored by columns and much wider than A (the transposed product). Then pointwise blocks of several images,
+# one GEMM over the images side by side: panels across images' edges, packed (more than 128 rows, or runs
+# that leave many lanes empty) or each image in place (few rows, whole vectors), a last block of fewer images.
 GEMM_CASES = [
+    dict(x_shape=(26, 5, 7, 7), w_shape=(136, 5, 1, 1), stride=1, padding=0, dilation=1, groups=1, bias=True),
+    dict(x_shape=(18, 6, 4, 8), w_shape=(10, 3, 1, 1), stride=1, padding=0, dilation=1, groups=2, bias=True),
+    dict(x_shape=(17, 130, 5, 5), w_shape=(7, 130, 1, 1), stride=1, padding=0, dilation=1, groups=1, bias=False),
     dict(x_shape=(2, 300, 9, 7), w_shape=(21, 300, 1, 1), stride=1, padding=0, dilation=1, groups=1, bias=True),
     dict(x_shape=(3, 5, 37, 41), w_shape=(13, 5, 3, 3), stride=1, padding=1, dilation=1, groups=1, bias=False),
     dict(x_shape=(2, 24, 11, 10), w_shape=(6, 12, 3, 3), stride=2, padding=(1, 0), dilation=1, groups=2,
