@@ -7,6 +7,12 @@ static inline ptrdiff_t MICRO_PASTE(BG_NAME, _column)(int j, int segment, ptrdif
     return (ptrdiff_t)(j / segment) * segment_stride + (ptrdiff_t)(j % segment) * col;
 }
 
+/* How many of `left` columns from column j lie in j's run of `segment`. */
+static inline int MICRO_PASTE(BG_NAME, _piece)(int j, int left, int segment)
+{
+    return left < segment - j % segment ? left : segment - j % segment;
+}
+
 /* B's rows [0, depth) x columns [first, first + cols) into panels of `width` columns, each panel depth x width
  * (in the CPU's widest vectors: FASTCONV_CLONES), piece by piece where a panel spans two runs of columns. */
 FASTCONV_CLONES static void MICRO_PASTE(BG_NAME, _pack_b)(const BG_T *b, ptrdiff_t b_row, ptrdiff_t b_col,
@@ -18,7 +24,7 @@ FASTCONV_CLONES static void MICRO_PASTE(BG_NAME, _pack_b)(const BG_T *b, ptrdiff
         for (int piece = 0, run; piece < count; piece += run) {
             int j = first + j0 + piece;
             const BG_T *column = b + MICRO_PASTE(BG_NAME, _column)(j, segment, b_segment, b_col);
-            run = count - piece < segment - j % segment ? count - piece : segment - j % segment;
+            run = MICRO_PASTE(BG_NAME, _piece)(j, count - piece, segment);
             if (b_row == 1 && b_col != 1) {  /* B's columns are contiguous: read each one along its length */
                 for (int jj = 0; jj < run; jj++)
                     for (int p = 0; p < depth; p++) packed[(ptrdiff_t)p * width + piece + jj] = column[p + jj * b_col];
@@ -99,7 +105,7 @@ static void MICRO_PASTE(BG_NAME, _blocks)(const micro_kernels *k, int m, int n, 
                     }
                     k->BG_KERNELS[vectors](1, kc, panel_a, panel_row, panel_step, 0, panel_b, b_step, 0, tile, nr, 0);
                     for (int piece = 0, run; piece < cols; piece += run) {  /* the tile's columns run by run of C */
-                        run = cols - piece < c_run - (j + piece) % c_run ? cols - piece : c_run - (j + piece) % c_run;
+                        run = MICRO_PASTE(BG_NAME, _piece)(j + piece, cols - piece, c_run);
                         BG_T *dst = c + ir * c_row + MICRO_PASTE(BG_NAME, _column)(j + piece, c_run, c_segment, c_col);
                         for (int i = 0; i < rows; i++) {
                             BG_T *cell = dst + i * c_row;

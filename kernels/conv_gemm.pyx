@@ -367,9 +367,8 @@ cdef void backward_input_block(const micro_kernels* kernels, const floating* gy,
             matmul(kernels, True, False, c.k, image_columns, c.group_out, w + <Py_ssize_t>g * c.group_out * c.k,
                    c.k, gy_rows + i * c.out_channels * out_plane, out_plane, False, col + i * image_columns,
                    columns, work)
-        if not c.pointwise:
-            col2im(col, c, b, first, last, kernels != NULL and strcmp(kernels.name, b"avx512") == 0,
-                   <floating*>group_input(gx, c, b, g))
+        col2im(col, c, b, first, last, kernels != NULL and strcmp(kernels.name, b"avx512") == 0,
+               <floating*>group_input(gx, c, b, g))
 
 
 cdef void backward_weight_chunk(const micro_kernels* kernels, const floating* gy, const floating* x, const Conv* c,
